@@ -1,0 +1,59 @@
+"""Self-supervised methods. One module per method holds all of its maths.
+
+The trainer knows no method by name: it imports ``ssl_jax.methods.<config.method>`` and calls its
+``create(config, mesh)``, which returns an object with this interface (:class:`Method`). Every
+array the method needs between steps (BatchNorm statistics, an EMA teacher, a centre, a queue)
+lives in its ``extra`` pytree, which is saved whole in every checkpoint beside the parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+Params = Any
+Extra = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class Method(Protocol):
+    """What the trainer and the evaluation job ask of a method."""
+
+    encoder: nn.Module
+    """The network evaluation restores: ``encoder.apply(variables, images, train=False)`` gives
+    ``[batch, features]`` for normalised images ``[batch, height, width, 3]``."""
+
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[Params, Extra]:
+        """Trainable parameters and the method's other state, from an example batch."""
+
+    def loss(
+        self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, tuple[Metrics, Extra]]:
+        """Scalar loss of the global batch, metrics and the updated extra state (BN stats)."""
+
+    def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
+        """Updates that follow the optimizer step (EMA teacher, momentum schedules)."""
+
+    def encoder_variables(self, params: Params, extra: Extra) -> dict[str, Any]:
+        """The variables of :attr:`encoder` (``{'params': ..., 'batch_stats': ...}``)."""
+
+
+def create(config: ml_collections.ConfigDict, mesh: Mesh) -> Method:
+    """Builds the method named by ``config.method``."""
+    name = config.method
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise ValueError(
+            f"config.method={name!r} is not a method of ssl_jax: expected a module "
+            f"ssl_jax/methods/{name}.py"
+        ) from None
+    return module.create(config, mesh)

@@ -1,0 +1,323 @@
+"""Where examples come from: the built-in digits, a TFDS catalogue dataset, an image folder.
+
+`make_source(data_cfg, split)` returns a random-access source for Grain (`__len__`,
+`__getitem__`, a stable `__repr__` that Grain checks when it restores a checkpointed
+position, and `num_classes`). Its records are dicts
+
+    {'image': uint8 [height, width, channels] array OR encoded image bytes (JPEG/PNG),
+     'label': int in [0, num_classes),
+     'id':    str, the file path or 'NAME/SPLIT[INDEX]', for messages about a bad record}
+
+and the pipeline decodes them (`ssl_jax.data.pipeline`). Nothing here needs TensorFlow:
+TFDS data is read as ArrayRecord through `tfds.data_source`, with `Image` features left
+encoded (`tfds.decode.SkipDecoding`) for Pillow.
+
+Which source (`data_cfg.source`, `data_cfg.name`):
+
+- 'builtin' (or 'auto' with name 'digits'): scikit-learn's digits, prepared into the TFDS data
+  dir on first use (`ssl_jax.data.digits`).
+- 'folder' (or 'auto' with name 'folder'): `ROOT/SPLIT/CLASS/*.{jpg,jpeg,png}` (suffix in any
+  case). A class's index is its position among the sorted class folders of the training
+  split (so every split uses the same mapping); files are sorted.
+- 'tfds': a TFDS dataset prepared as ArrayRecord in the data dir (`download=False`).
+- 'auto' with any other name: TFDS if that dataset is prepared in the data dir, else the image
+  folder at `data_cfg.root`.
+
+The data dir is `data_cfg.data_dir`, else `$TFDS_DATA_DIR`, else
+`~/.cache/ssl_jax/tensorflow_datasets`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+DEFAULT_DATA_DIR = "~/.cache/ssl_jax/tensorflow_datasets"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SOURCES = ("auto", "builtin", "tfds", "folder")
+CIFAR10_ARCHIVE = "../shared/datasets/cifar10-jpeg.tar.gz"
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config; the message names the fix."""
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The `config.data` block with its defaults, updated by `overrides`.
+
+    Keys: name, source ('auto' | 'builtin' | 'tfds' | 'folder'), root (image-folder root),
+    data_dir (TFDS data dir, '' for the default), image_size (side of the square uint8
+    images the pipeline emits), train_split, test_split, num_workers (Grain worker
+    processes, 0 = in-process), prefetch (batches buffered per worker).
+    """
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "digits",
+            "source": "auto",
+            "root": "",
+            "data_dir": "",
+            "image_size": 32,
+            "train_split": "train",
+            "test_split": "test",
+            "num_workers": 0,
+            "prefetch": 2,
+        }
+    )
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise DataError(f"unknown data config key {key!r}; known keys: {', '.join(cfg)}")
+        cfg[key] = value
+    return cfg
+
+
+def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
+    """`data_cfg.data_dir`, else `$TFDS_DATA_DIR`, else `~/.cache/ssl_jax/tensorflow_datasets`."""
+    data_dir = data_cfg.get("data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")
+    return os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+
+
+class TfdsSource:
+    """A TFDS ArrayRecord split as `{'image', 'label', 'id'}` records."""
+
+    def __init__(self, data_source: Any, *, name: str, split: str, num_classes: int,
+                 image_key: str = "image", label_key: str = "label"):
+        self._source = data_source
+        self.name = name
+        self.split = split
+        self.num_classes = num_classes
+        self._image_key = image_key
+        self._label_key = label_key
+        self._len = len(data_source)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        return {"image": record[self._image_key], "label": int(record[self._label_key]),
+                "id": f"{self.name}/{self.split}[{index}]"}
+
+    def __repr__(self) -> str:
+        return (f"TfdsSource(name={self.name!r}, split={self.split!r}, "
+                f"num_records={self._len}, num_classes={self.num_classes})")
+
+
+class ImageFolderSource:
+    """`ROOT/SPLIT/CLASS/*.{jpg,jpeg,png}` as `{'image': encoded bytes, 'label', 'id': path}`.
+
+    Attributes:
+      classes: class folder names; label `i` is `classes[i]`.
+      files: paths relative to `ROOT/SPLIT`, sorted by (class, file name).
+      labels: int32 `[num_records]`.
+    """
+
+    def __init__(self, root: str, split: str, *, class_split: str | None = None):
+        self.root = os.path.expanduser(root)
+        self.split = split
+        self.classes, self.files, self.labels = _scan_image_folder(
+            self.root, split, class_split or split)
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.split, self.files[index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.path(index)
+        with open(path, "rb") as f:
+            data = f.read()
+        return {"image": data, "label": int(self.labels[index]), "id": path}
+
+    def __repr__(self) -> str:
+        # No path: a run resumes after its data moved to another disk.
+        return (f"ImageFolderSource(split={self.split!r}, num_records={len(self)}, "
+                f"num_classes={self.num_classes})")
+
+
+def _subdirs(path: str) -> list[str]:
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+@functools.lru_cache(maxsize=64)
+def _list_class_dir(class_dir: str, mtime_ns: int) -> tuple[str, ...]:
+    """Sorted image file names in one class folder; `mtime_ns` keys the cache."""
+    del mtime_ns
+    with os.scandir(class_dir) as entries:
+        return tuple(sorted(
+            e.name for e in entries
+            if e.is_file() and not e.name.startswith(".")
+            and e.name.lower().endswith(IMAGE_SUFFIXES)))
+
+
+def _scan_image_folder(root: str, split: str, class_split: str
+                       ) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+    """Lists `root/split`; returns (class names, relative file paths, int32 labels)."""
+    if not root:
+        raise DataError("data.root is empty: pass --config.data.root=DIR, where DIR/SPLIT/CLASS/ "
+                        "holds the images (*.jpg, *.jpeg, *.png).")
+    if not os.path.isdir(root):
+        raise DataError(f"image folder root {root!r} does not exist or is not a directory: "
+                        "fix --config.data.root (expected layout ROOT/SPLIT/CLASS/*.jpg).")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        present = _subdirs(root)
+        raise DataError(
+            f"split {split!r} not found: {split_dir!r} is not a directory (folders in {root!r}: "
+            f"{present or 'none'}). Fix --config.data.root or the split name "
+            "(--config.data.train_split / --config.data.test_split).")
+    classes = _subdirs(split_dir)
+    if not classes:
+        raise DataError(f"no class folders in {split_dir!r}: expected {split_dir}/CLASS/*.jpg, "
+                        "one folder per class.")
+    class_dir = os.path.join(root, class_split)
+    if class_split != split and os.path.isdir(class_dir):
+        reference = _subdirs(class_dir)
+        unknown = sorted(set(classes) - set(reference))
+        if unknown:
+            raise DataError(
+                f"class folders {unknown} of {split_dir!r} are missing from {class_dir!r}; "
+                "every split must use the class folders of the training split.")
+        classes = reference
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        path = os.path.join(split_dir, name)
+        if not os.path.isdir(path):
+            continue
+        names = _list_class_dir(path, os.stat(path).st_mtime_ns)
+        files.extend(os.path.join(name, f) for f in names)
+        labels.extend([label] * len(names))
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}, any case) in the class folders "
+                        f"of {split_dir!r}.")
+    return tuple(classes), files, np.asarray(labels, dtype=np.int32)
+
+
+def _tfds_build_hint(name: str, data_dir: str) -> str:
+    return (f"prepare it once with `tfds build {name} --file_format=array_record "
+            f"--data_dir {data_dir}` (TensorFlow is needed for that step only, e.g. in a separate "
+            "environment; datasets with manual downloads such as imagenet2012 need their archives "
+            f"in {data_dir}/downloads/manual first)")
+
+
+def _folder_hint(name: str, source_flag: str = "") -> str:
+    hint = (f"or read an image folder ROOT/SPLIT/CLASS/*.jpg with {source_flag}"
+            "--config.data.root=ROOT")
+    if name == "cifar10":
+        hint += (f" (for CIFAR-10 unpack the JPEG copy with `tar xzf {CIFAR10_ARCHIVE} -C DIR`; "
+                 "ROOT is then DIR/cifar10)")
+    return hint
+
+
+def _tfds_builder(name: str, data_dir: str) -> tuple[Any, str]:
+    """(builder, '') if `name` is prepared as ArrayRecord in `data_dir`, else (None, reason)."""
+    import tensorflow_datasets as tfds
+
+    base_dir = os.path.join(data_dir, name.split("/")[0].split(":")[0])
+    if "://" not in data_dir and not glob.glob(os.path.join(glob.escape(base_dir), "**",
+                                                            "dataset_info.json"), recursive=True):
+        return None, f"TFDS dataset {name!r} is not prepared in {data_dir}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        return None, f"TFDS knows no dataset {name!r} and none is prepared in {data_dir}"
+    except Exception as e:  # A catalogue builder that cannot load here.
+        return None, f"TFDS could not load {name!r}: {type(e).__name__}: {e}"
+    if not builder.is_prepared():
+        return None, f"TFDS dataset {name!r} is not prepared in {data_dir}"
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format != "array_record":
+        return None, (f"TFDS dataset {name!r} is prepared in {data_dir} as {file_format}, which "
+                      "allows no random access; rebuild it as ArrayRecord")
+    return builder, ""
+
+
+def _wrap_tfds(builder: Any, name: str, split: str) -> TfdsSource:
+    """Reads `split` of a prepared builder, leaving `Image` features encoded for Pillow."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    image_key, label_key = "image", "label"
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    if image_key not in features or label_key not in features:
+        raise DataError(f"TFDS dataset {name!r} has features {list(features)}; need an image "
+                        f"{image_key!r} and a label {label_key!r}.")
+    label = features[label_key]
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise DataError(f"TFDS dataset {name!r}: feature {label_key!r} is a "
+                        f"{type(label).__name__}, not a ClassLabel.")
+    decoders = None
+    if isinstance(features[image_key], tfds.features.Image):
+        decoders = {image_key: tfds.decode.SkipDecoding()}
+    try:
+        source = builder.as_data_source(split=split, decoders=decoders)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise DataError(f"split {split!r} of {name!r} is not available ({e}); its splits are "
+                        f"{list(builder.info.splits)}: fix --config.data.train_split / "
+                        "--config.data.test_split.") from e
+    return TfdsSource(source, name=name, split=split, num_classes=label.num_classes,
+                      image_key=image_key, label_key=label_key)
+
+
+def resolve_source(data_cfg: ml_collections.ConfigDict) -> str:
+    """The source `make_source` reads for this config: 'builtin', 'tfds' or 'folder'."""
+    name, source, root = data_cfg.name, data_cfg.source, data_cfg.get("root", "")
+    if source not in SOURCES:
+        raise DataError(f"unknown data.source {source!r}: choose one of {', '.join(SOURCES)}.")
+    if source == "builtin":
+        if name != "digits":
+            raise DataError(f"the built-in source has only name 'digits', got data.name={name!r}: "
+                            "set --config.data.name=digits or another --config.data.source.")
+        return "builtin"
+    if source in ("tfds", "folder"):
+        return source
+    if name == "digits":
+        if root:
+            raise DataError(f"data.name='digits' is the built-in dataset but data.root={root!r} "
+                            "is set: pass --config.data.name=folder to read that image folder, "
+                            "or clear --config.data.root.")
+        return "builtin"
+    if name == "folder":
+        return "folder"
+    data_dir = resolve_data_dir(data_cfg)
+    builder, reason = _tfds_builder(name, data_dir)
+    if builder is not None:
+        return "tfds"
+    if root:
+        return "folder"
+    raise DataError(f"no data for data.name={name!r}: {reason} and data.root is empty. Either "
+                    f"{_tfds_build_hint(name, data_dir)}, {_folder_hint(name)}.")
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> TfdsSource | ImageFolderSource:
+    """A random-access source over `split` of the dataset that `data_cfg` names.
+
+    Returns:
+      `source[i]` is `{'image': uint8 [h, w, c] or encoded bytes, 'label': int, 'id': str}`;
+      `len(source)` examples; `source.num_classes` classes.
+
+    Raises:
+      DataError: unknown source, data not prepared or not found, split missing, empty folder.
+    """
+    kind = resolve_source(data_cfg)
+    data_dir = resolve_data_dir(data_cfg)
+    if kind == "builtin":
+        from ssl_jax.data import digits
+
+        return _wrap_tfds(digits.prepare(data_dir), "digits", split)
+    if kind == "folder":
+        return ImageFolderSource(data_cfg.root, split, class_split=data_cfg.train_split)
+    builder, reason = _tfds_builder(data_cfg.name, data_dir)
+    if builder is None:
+        raise DataError(f"{reason}: {_tfds_build_hint(data_cfg.name, data_dir)}, "
+                        f"{_folder_hint(data_cfg.name, '--config.data.source=folder ')}.")
+    return _wrap_tfds(builder, data_cfg.name, split)

@@ -1,0 +1,114 @@
+"""Frozen features of a run's encoder: restore it from a checkpoint (or initialise it at random
+for the baseline) and embed a whole split without augmentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import methods, parallel
+from ssl_jax.data import augment, pipeline
+from ssl_jax.step import build_state
+
+# Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to
+# the training crop size when the two differ.
+CENTRE_CROP_FRACTION = 0.875
+
+
+def restore_encoder(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
+) -> tuple[Any, Any, int]:
+    """``(method, encoder_variables, step)`` from the checkpoint ``step`` (-1: the latest)."""
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise ckpt_lib.WorkdirError(
+            f"no checkpoint in {checkpoints.directory}: train first with "
+            f"python -m ssl_jax.train --config ... --workdir {workdir}")
+    if step >= 0 and step not in steps:
+        raise ckpt_lib.WorkdirError(
+            f"no checkpoint of step {step} in {checkpoints.directory}; available steps: {steps} "
+            "(or --config.eval.step=-1 for the latest)")
+    method = methods.create(config, mesh)
+    setup = build_state(config, mesh, method, total_steps=1, steps_per_epoch=1)
+    if step >= 0:
+        state = checkpoints.restore(step, setup.abstract)
+    else:
+        step, state = checkpoints.restore_latest_good(setup.abstract)
+        if state is None:
+            raise ckpt_lib.WorkdirError(f"no readable checkpoint in {checkpoints.directory}")
+    checkpoints.close()
+    return method, method.encoder_variables(state["params"], state["extra"]), step
+
+
+def random_encoder(config: ml_collections.ConfigDict, mesh: Mesh, seed: int) -> tuple[Any, Any]:
+    """The same method and encoder architecture, randomly initialised (the baseline)."""
+    method = methods.create(config, mesh)
+    size = config.data.image_size
+    example = {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
+               "label": jnp.zeros((mesh.size,), jnp.int32)}
+    params, extra = jax.jit(method.init)(jax.random.key(seed), example)
+    return method, method.encoder_variables(params, extra)
+
+
+def eval_view(images: jax.Array, crop_size: int) -> jax.Array:
+    """``[batch, s, s, 3]`` uint8 -> normalised ``[batch, crop, crop, 3]``: a centre crop of
+    :data:`CENTRE_CROP_FRACTION` when the decoded image is larger than the crop, then resize."""
+    x = augment.to_float_image(images)
+    side = x.shape[1]
+    if side > crop_size:
+        keep = max(int(round(side * CENTRE_CROP_FRACTION)), crop_size)
+        start = (side - keep) // 2
+        x = x[:, start : start + keep, start : start + keep]
+    if x.shape[1] != crop_size:
+        x = jax.image.resize(x, (x.shape[0], crop_size, crop_size, 3), "bilinear")
+    return augment.normalize(x)
+
+
+def extract_features(
+    encoder: Any,
+    variables: Any,
+    config: ml_collections.ConfigDict,
+    split: str,
+    mesh: Mesh,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(features [n, d] float32, labels [n] int32)`` of every example of ``split``."""
+    crop = config.aug.view1.size
+    batch_size = config.eval.batch_size
+    parallel.check_global_batch(batch_size, mesh)
+
+    @jax.jit
+    def embed(variables, images):
+        return encoder.apply(variables, eval_view(images, crop), train=False)
+
+    feats, labels = [], []
+    for batch in pipeline.eval_batches(
+        config.data, split, batch_size=batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    ):
+        arrays = parallel.global_batch(batch, mesh)
+        out = embed(variables, arrays["image"])
+        gathered = multihost_utils.process_allgather(
+            {"f": out, "y": arrays["label"], "m": arrays["mask"]}, tiled=True)
+        keep = np.asarray(gathered["m"]).astype(bool)
+        feats.append(np.asarray(gathered["f"], np.float32)[keep])
+        labels.append(np.asarray(gathered["y"], np.int32)[keep])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def subsample(
+    feats: np.ndarray, labels: np.ndarray, max_examples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random subset of at most ``max_examples`` rows (0: all)."""
+    if not max_examples or len(labels) <= max_examples:
+        return feats, labels
+    idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_examples])
+    return feats[idx], labels[idx]

@@ -1,0 +1,353 @@
+"""Vision Transformer encoders (Dosovitskiy et al., 2021).
+
+Pre-norm transformer blocks over patch tokens:
+
+    z_0 = [cls; x_1 E; ...; x_N E] + E_pos
+    z'_l = z_{l-1} + DropPath(LS(MSA(LN(z_{l-1}))))
+    z_l  = z'_l + DropPath(LS(MLP(LN(z'_l))))
+    output = LN(z_L)
+
+The pieces are separate methods (`embed`, `position_embeddings`, `prepend_cls`, `encode`,
+`pool`) so that methods needing a different token flow (token dropping, mask tokens) can call
+them in another order with `module.apply(..., method=...)`.
+
+Position embeddings describe the patch grid of `image_size`; an input with another grid gets
+them resampled bicubically (the cls position embedding is kept apart), so one ViT serves 224-px
+global crops and 96-px local crops alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "ti": (192, 12, 3),
+    "s": (384, 12, 6),
+    "b": (768, 12, 12),
+    "l": (1024, 24, 16),
+    "h": (1280, 32, 16),
+}
+POS_EMBED_KINDS = ("learned", "sincos")
+LN_EPSILON = 1e-6
+
+dense_kernel_init = nn.initializers.xavier_uniform()
+# Xavier on the flattened [patch * patch * channels, dim] kernel, as MAE does.
+patch_kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+token_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def sincos_2d_pos_embed(dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding of MAE (`get_2d_sincos_pos_embed`).
+
+    For a 1-D position p and d = dim / 4 frequencies w_k = 10000^(-k / d), k < d:
+    e(p) = [sin(p w_0..w_{d-1}), cos(p w_0..w_{d-1})]. The 2-D embedding of the patch in
+    row r, column c is [e(c), e(r)] (MAE's ordering: the first half encodes the column).
+
+    Returns `[grid_h * grid_w, dim]` float32, row-major over the grid.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos position embedding needs dim divisible by 4, got dim={dim}.")
+    grid_h, grid_w = grid
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h))
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+    def embed_1d(pos: np.ndarray) -> np.ndarray:
+        angles = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1).astype(np.float32)
+
+
+def resize_pos_embed(
+    pos_embed: jnp.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> jnp.ndarray:
+    """Bicubic resampling of patch position embeddings to another grid.
+
+    `[1, old_h * old_w, dim] -> [1, new_h * new_w, dim]`, half-pixel centres (as torch's
+    `interpolate(mode='bicubic', align_corners=False)`), no antialiasing.
+    """
+    chex.assert_shape(pos_embed, (1, old_grid[0] * old_grid[1], None))
+    dim = pos_embed.shape[-1]
+    grid = pos_embed.reshape(old_grid[0], old_grid[1], dim).astype(jnp.float32)
+    grid = jax.image.resize(grid, (*new_grid, dim), method="bicubic", antialias=False)
+    return grid.reshape(1, new_grid[0] * new_grid[1], dim)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drop a whole residual branch per example.
+
+    Kept branches are scaled by 1 / (1 - rate) so the expectation is unchanged. Uses the
+    'dropout' rng. `[batch, ...] -> [batch, ...]`.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT): `x * gamma`, gamma = init."""
+
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    softmax(q k^T / sqrt(head_dim) + bias) v per head. `x [batch, tokens, dim]`, optional
+    `bias` broadcastable to `[batch, heads, tokens, tokens]` -> `[batch, tokens, dim]`.
+    """
+
+    dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, bias: jnp.ndarray | None = None) -> jnp.ndarray:
+        batch, tokens, _ = x.shape
+        head_dim = self.dim // self.num_heads
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="qkv")(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias)
+        out = out.reshape(batch, tokens, self.dim)
+        return nn.Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """Dense -> GELU (exact erf form) -> Dense. `[..., dim] -> [..., dim]`."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dim = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="fc1")(
+            x
+        )
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block. `[batch, tokens, dim] -> [batch, tokens, dim]`."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float
+    drop_path: float
+    layer_scale_init: float | None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jnp.ndarray, train: bool, attn_bias: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        y = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm1")(x)
+        y = Attention(self.dim, self.num_heads, self.dtype, name="attn")(y, attn_bias)
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, name="ls1")(y)
+        x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic=not train)
+
+        y = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, name="ls2")(y)
+        return x + DropPath(self.drop_path, name="drop_path2")(y, deterministic=not train)
+
+
+class ViT(nn.Module):
+    """Vision Transformer backbone without classifier.
+
+    `__call__(x [batch, height, width, channels], train)` -> `[batch, dim]` (float32): the cls
+    token after the final LayerNorm, or the mean of the patch tokens when `use_cls_token` is
+    False. With `return_tokens=True`: `[batch, num_prefix_tokens + num_patches, dim]`, all
+    tokens after the final LayerNorm. Height and width must be multiples of `patch_size`.
+
+    Attributes:
+      patch_size: side of the square patches (convolution with kernel = stride = patch).
+      dim, depth, num_heads: token width, number of blocks, attention heads.
+      mlp_ratio: MLP hidden width / dim.
+      image_size: input side the position-embedding grid is built for.
+      pos_embed: 'learned' (trunc-normal 0.02 parameter) or 'sincos' (fixed MAE 2-D sin-cos,
+        not a parameter; the cls token gets no position embedding).
+      use_cls_token: prepend a learned cls token.
+      drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first;
+        active only with train=True, using the 'dropout' rng.
+      layer_scale_init: initial LayerScale gamma; None for no LayerScale.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    patch_size: int
+    dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    image_size: int = 224
+    pos_embed: str = "learned"
+    use_cls_token: bool = True
+    drop_path_rate: float = 0.0
+    layer_scale_init: float | None = None
+    dtype: Any = jnp.float32
+
+    @property
+    def num_features(self) -> int:
+        """Size of the pooled output features, known without initialising."""
+        return self.dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: 1 with a cls token, else 0."""
+        return int(self.use_cls_token)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(rows, cols)` of an `image_size` input."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def _check_config(self) -> None:
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(
+                f"ViT image_size={self.image_size} must be a positive multiple of "
+                f"patch_size={self.patch_size}; change one of them."
+            )
+        if self.dim % self.num_heads:
+            raise ValueError(f"ViT dim={self.dim} must be divisible by num_heads={self.num_heads}.")
+        if self.pos_embed not in POS_EMBED_KINDS:
+            raise ValueError(
+                f"ViT pos_embed={self.pos_embed!r} is unknown; use one of {POS_EMBED_KINDS}."
+            )
+        if self.pos_embed == "sincos" and self.dim % 4:
+            raise ValueError(f"ViT pos_embed='sincos' needs dim divisible by 4, got {self.dim}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"ViT drop_path_rate={self.drop_path_rate} must be in [0, 1).")
+
+    def setup(self) -> None:
+        self._check_config()
+        self.patch_embed = nn.Conv(
+            self.dim,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=patch_kernel_init,
+        )
+        if self.use_cls_token:
+            self.cls_token = self.param("cls_token", token_init, (1, 1, self.dim))
+        if self.pos_embed == "learned":
+            num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+            self.pos_embedding = self.param("pos_embedding", token_init, (1, num_tokens, self.dim))
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
+        self.blocks = [
+            EncoderBlock(
+                dim=self.dim,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                drop_path=float(rate),
+                layer_scale_init=self.layer_scale_init,
+                dtype=self.dtype,
+            )
+            for rate in rates
+        ]
+        self.norm = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype)
+
+    def embed(self, images: jnp.ndarray) -> tuple[jnp.ndarray, tuple[int, int]]:
+        """Patch tokens, no position: `[batch, h, w, c] -> ([batch, h/p * w/p, dim], grid)`."""
+        chex.assert_rank(images, 4)
+        batch, height, width, _ = images.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"ViT input of {height}x{width} pixels is not divisible by patch_size={p}; "
+                f"resize or crop images to a multiple of {p} (image_size={self.image_size})."
+            )
+        tokens = self.patch_embed(images.astype(self.dtype))
+        grid = (height // p, width // p)
+        return tokens.reshape(batch, grid[0] * grid[1], self.dim), grid
+
+    def position_embeddings(self, grid: tuple[int, int]) -> tuple[jnp.ndarray | None, jnp.ndarray]:
+        """Position embeddings for a patch grid.
+
+        Returns `(prefix [1, num_prefix_tokens, dim] or None, patches [1, rows * cols, dim])`,
+        float32; the patch part is resampled bicubically when `grid != self.grid_size`.
+        """
+        if self.pos_embed == "sincos":
+            prefix = None
+            patches = jnp.asarray(sincos_2d_pos_embed(self.dim, self.grid_size))[None]
+        else:
+            n = self.num_prefix_tokens
+            prefix = self.pos_embedding[:, :n] if n else None
+            patches = self.pos_embedding[:, n:]
+        if tuple(grid) != self.grid_size:
+            patches = resize_pos_embed(patches, self.grid_size, tuple(grid))
+        return prefix, patches
+
+    def prepend_cls(self, tokens: jnp.ndarray, prefix_pos: jnp.ndarray | None) -> jnp.ndarray:
+        """Prepend the cls token (plus its position embedding), if the model has one.
+
+        `[batch, n, dim] -> [batch, num_prefix_tokens + n, dim]`.
+        """
+        if not self.use_cls_token:
+            return tokens
+        cls = self.cls_token
+        if prefix_pos is not None:
+            cls = cls + prefix_pos
+        cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, self.dim))
+        return jnp.concatenate([cls, tokens], axis=1)
+
+    def encode(self, tokens: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Transformer blocks then the final LayerNorm. `[batch, t, dim] -> [batch, t, dim]`."""
+        for block in self.blocks:
+            tokens = block(tokens, train)
+        return self.norm(tokens)
+
+    def pool(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """`[batch, t, dim] -> [batch, dim]`: the cls token, or the mean of the patch tokens."""
+        if self.use_cls_token:
+            return tokens[:, 0]
+        return jnp.mean(tokens, axis=1)
+
+    def __call__(self, x: jnp.ndarray, train: bool, *, return_tokens: bool = False) -> jnp.ndarray:
+        tokens, grid = self.embed(x)
+        prefix_pos, patch_pos = self.position_embeddings(grid)
+        tokens = tokens + patch_pos.astype(tokens.dtype)
+        tokens = self.prepend_cls(tokens, prefix_pos)
+        tokens = self.encode(tokens, train).astype(jnp.float32)
+        batch = x.shape[0]
+        if return_tokens:
+            chex.assert_shape(tokens, (batch, self.num_prefix_tokens + grid[0] * grid[1], self.dim))
+            return tokens
+        features = self.pool(tokens)
+        chex.assert_shape(features, (batch, self.dim))
+        return features
+
+
+def vit(size: str, patch_size: int, **kw: Any) -> ViT:
+    """ViT of a standard size ('ti', 's', 'b', 'l', 'h'); `kw` sets (or overrides) fields."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"ViT size={size!r} is unknown; use one of {list(VIT_SIZES)}.")
+    dim, depth, num_heads = VIT_SIZES[size]
+    fields = {"dim": dim, "depth": depth, "num_heads": num_heads, **kw}
+    return ViT(patch_size=patch_size, **fields)

@@ -1,0 +1,82 @@
+"""The train state and the train step, shared by the trainer, the evaluation job (to restore a
+state's layout) and the benchmarks.
+
+The state is a plain pytree ``{step, params, extra, opt_state, nonfinite_steps}``: ``params`` are
+what the optimizer trains, ``extra`` is the method's other state (BatchNorm statistics, an EMA
+teacher, a centre), saved whole by Orbax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from ssl_jax import optim, parallel
+
+
+def make_train_step(method, tx, schedule, base_rng, on_nonfinite: str):
+    """``(state, batch) -> (state, metrics)``; one optimizer step on the global batch.
+
+    A step whose loss or gradient is not finite leaves the state unchanged (it is only counted),
+    so a single bad batch cannot poison the parameters.
+    """
+
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+        step = state["step"]
+        rng = jax.random.fold_in(base_rng, step)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (loss, (metrics, extra)), grads = grad_fn(state["params"], state["extra"], batch, rng, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        extra = method.after_update(params, extra, step)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = {"step": step + 1, "params": params, "extra": extra, "opt_state": opt_state}
+        old = {k: state[k] for k in new} | {"step": step + 1}
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+        metrics = {**metrics, "loss": loss, "lr": schedule(step), "grad_norm": grad_norm,
+                   "param_norm": optax.global_norm(params)}
+        return new, metrics
+
+    return train_step
+
+
+class StateSetup(NamedTuple):
+    """How a run's train state is made: the optimizer, ``init_state(rng) -> state``, and the
+    state's abstract layout (shapes, dtypes and shardings, for creation and restore)."""
+
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    init_state: Any
+    abstract: Any
+    shardings: Any
+
+
+def build_state(
+    config: ml_collections.ConfigDict, mesh: Mesh, method: Any, total_steps: int,
+    steps_per_epoch: int,
+) -> StateSetup:
+    """The state ``{step, params, extra, opt_state, nonfinite_steps}`` of ``method``."""
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
+                                            steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedule)
+    size = config.data.image_size
+    example = {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
+               "label": jnp.zeros((mesh.size,), jnp.int32)}
+
+    def init_state(rng):
+        params, extra = method.init(rng, example)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
+                "opt_state": tx.init(params), "nonfinite_steps": jnp.zeros((), jnp.int32)}
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = parallel.tree_shardings(abstract, mesh, config.sharding_rules)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return StateSetup(schedule, tx, init_state, abstract, shardings)
