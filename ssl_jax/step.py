@@ -34,14 +34,14 @@ def make_train_step(method, tx, schedule, base_rng, on_nonfinite: str):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         extra = method.after_update(params, extra, step)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = {"step": step + 1, "params": params, "extra": extra, "opt_state": opt_state}
         old = {k: state[k] for k in new} | {"step": step + 1}
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
         new["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
         metrics = {**metrics, "loss": loss, "lr": schedule(step), "grad_norm": grad_norm,
-                   "param_norm": optax.global_norm(params)}
+                   "param_norm": optax.tree.norm(params)}
         return new, metrics
 
     return train_step

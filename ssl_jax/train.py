@@ -33,6 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_STOP_AT = flags.DEFINE_integer("stop_at_step", 0, "End this invocation after this step (with a "
+                                "checkpoint); the run resumes from there when started again.")
 
 
 class NonFiniteError(RuntimeError):
@@ -49,10 +51,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     require(config.on_nonfinite in ("skip", "stop"), "on_nonfinite", "must be 'skip' or 'stop'")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int = 0
+) -> dict[str, Any]:
     """Pre-trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-    Returns the final state (on the devices) for programmatic use and tests."""
+    ``stop_at_step`` > 0 ends this invocation after that step with a checkpoint, without
+    changing the run (schedules keep the full length); a later call resumes. Returns the
+    state (on the devices) for programmatic use and tests."""
     # --- Set-up -----------------------------------------------------------------------------
     check_config(config)
     workdir = epath.Path(workdir)
@@ -103,7 +109,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = MetricsWriter(workdir)
     progress = _progress_bar(total_steps, start_step)
     last_time, last_step, nonfinite_seen = time.perf_counter(), start_step, 0
-    for step in range(start_step + 1, total_steps + 1):
+    last = min(total_steps, stop_at_step) if stop_at_step > 0 else total_steps
+    for step in range(start_step + 1, last + 1):
         batch = parallel.global_batch(_images_and_labels(next(data_iter)), mesh)
         state, metrics = step_fn(state, batch)
         if step % config.log_every == 0 or step == total_steps:
@@ -126,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         f"non-finite loss or gradient before step {step}; the last good "
                         f"checkpoint is step {checkpoints.latest_step()} in {workdir}")
                 nonfinite_seen = nonfinite
-        if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        if step % config.checkpoint.every_steps == 0 or step == last:
             checkpoints.save(step, state, data_iter)
     progress.close()
     checkpoints.wait()
@@ -134,9 +141,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # --- Export ---------------------------------------------------------------------------------
     final_step = int(state["step"])
-    target = ckpt_lib.export_encoder(
-        workdir, final_step, method.encoder_variables(state["params"], state["extra"]), config)
-    logging.info("exported the encoder of step %d to %s", final_step, target)
+    if final_step == total_steps:
+        target = ckpt_lib.export_encoder(
+            workdir, final_step, method.encoder_variables(state["params"], state["extra"]),
+            config)
+        logging.info("exported the encoder of step %d to %s", final_step, target)
     checkpoints.close()
     return state
 
@@ -158,7 +167,7 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise flags.Error("--config and --workdir are required")
-    train(_CONFIG.value, _WORKDIR.value)
+    train(_CONFIG.value, _WORKDIR.value, _STOP_AT.value)
 
 
 if __name__ == "__main__":

@@ -6,3 +6,22 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+# One TFDS data dir for the whole session: the digits dataset is prepared once, offline.
+os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="ssl_jax_tfds_"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished 6-step SimCLR run (runlocal, digits): ``(config, workdir)``."""
+    from configs import simclr as simclr_config
+    from ssl_jax import train
+
+    config = simclr_config.get_config("data=digits,runlocal")
+    workdir = tmp_path_factory.mktemp("simclr_run")
+    train.train(config, str(workdir))
+    return config, workdir
