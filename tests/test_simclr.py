@@ -1,6 +1,7 @@
 """SimCLR: NT-Xent against a NumPy transcription of eq. (1), and the global-batch semantics of
 the step (1 device vs 8 forced CPU devices)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,7 @@ def test_nt_xent_sharded_uses_global_negatives():
     l1, g1 = jax.value_and_grad(loss_fn(None), argnums=(0, 1))(z1, z2)
     l8, g8 = jax.jit(jax.value_and_grad(loss_fn(mesh), argnums=(0, 1)))(*sharded)
     np.testing.assert_allclose(l8, l1, rtol=1e-6)
-    for a, b in zip(g8, g1):
+    for a, b in zip(g8, g1, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(l1, nt_xent_numpy(np.asarray(z1), np.asarray(z2), 0.2)[0], rtol=1e-5)
 
@@ -83,8 +84,7 @@ def test_step_same_on_1_and_8_devices():
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     flat1, flat8 = jax.tree_util.tree_leaves(grads1), jax.tree_util.tree_leaves(grads8)
     scale = max(float(np.max(np.abs(g))) for g in flat1)
-    for a, b in zip(flat8, flat1):
+    for a, b in zip(flat8, flat1, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
     # Synced BatchNorm: running statistics computed over the global batch on both.
-    for a, b in zip(jax.tree_util.tree_leaves(extra8), jax.tree_util.tree_leaves(extra1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(extra8, extra1, rtol=1e-4, atol=1e-6)

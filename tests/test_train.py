@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-import jax
+import chex
 import numpy as np
 import pytest
 
@@ -53,20 +53,19 @@ def test_stop_and_resume_equals_uninterrupted(trained_run, tmp_path):
     resumed = train.train(config, str(tmp_path))  # a new start in the same workdir resumes
     assert int(resumed["step"]) == 6
 
-    from ssl_jax.evaluate.features import restore_encoder
     from ssl_jax import parallel
+    from ssl_jax.evaluate.features import restore_encoder
 
     mesh = parallel.make_mesh()
     _, full_vars, _ = restore_encoder(full_dir, config, mesh)
     _, resumed_vars, _ = restore_encoder(tmp_path, config, mesh)
-    for a, b in zip(jax.tree_util.tree_leaves(full_vars), jax.tree_util.tree_leaves(resumed_vars)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(full_vars, resumed_vars)
     # Same data position: the saved Grain iterator states agree.
     full_data = sorted(glob.glob(str(full_dir / "checkpoints" / "6" / "data" / "*.json")))
     resumed_data = sorted(glob.glob(str(tmp_path / "checkpoints" / "6" / "data" / "*.json")))
     assert full_data and [os.path.basename(p) for p in full_data] == [
         os.path.basename(p) for p in resumed_data]
-    for a, b in zip(full_data, resumed_data):
+    for a, b in zip(full_data, resumed_data, strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
