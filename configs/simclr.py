@@ -15,9 +15,10 @@ Recipes:
 - cifar10: the paper's CIFAR-10 settings (appendix B.9): ResNet-18 with the CIFAR stem, no blur,
   colour-jitter strength 0.5, temperature 0.5, LARS with LR 0.5 x B/256 (1.0 at B=512),
   weight decay 1e-6, batch 512; 200 epochs by default (the paper trains up to 1000).
-- digits: the built-in offline data (8x8 digits upscaled to 32 px): a narrow CIFAR-style
+- digits: the built-in offline data (8x8 digits upscaled to 16 px): a narrow CIFAR-style
   ResNet-18 (width 0.25), crops of scale 0.2-1 (tiny images lose their digit below that),
-  strength 0.5, no blur, temperature 0.2, batch 256, 100 epochs (about 560 steps).
+  strength 0.5, no blur, temperature 0.2, LARS with LR 1.0, batch 256, 40 epochs (200 steps,
+  about 3.5 minutes on 2 CPU cores).
 """
 
 from ssl_jax import presets
@@ -42,7 +43,7 @@ def get_config(arg=None):
         config.eval.batch_size = 1024
         config.data.num_workers = 16
     elif arg.data == "cifar10":
-        presets.set_model(config, arg.model or "resnet18", cifar_stem=True)
+        presets.set_model(config, arg.model or "resnet18", cifar_stem=True, width_multiplier=1.0)
         config.batch_size = 512
         config.num_epochs = 200.0
         config.checkpoint.every_steps = 1000
@@ -54,7 +55,7 @@ def get_config(arg=None):
     else:  # digits
         presets.set_model(config, arg.model or "resnet18", cifar_stem=True, width_multiplier=0.25)
         config.batch_size = 256
-        config.num_epochs = 100.0
+        config.num_epochs = 40.0
         config.log_every = 10
         config.checkpoint.every_steps = 100
         config.optim.update(base_lr=1.0, weight_decay=1e-6, warmup_epochs=10.0)

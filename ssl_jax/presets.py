@@ -16,7 +16,7 @@ from ssl_jax.data.sources import data_config
 #   image_size: side of the uint8 images the pipeline decodes to (shorter side + centre crop);
 #   crop_size:  side of the augmented views (and of the evaluation's centre crop).
 DATASETS = {
-    "digits": dict(name="digits", image_size=32, crop_size=32, num_train=1437),
+    "digits": dict(name="digits", image_size=16, crop_size=16, num_train=1437),
     "cifar10": dict(name="cifar10", image_size=32, crop_size=32, num_train=50000),
     "imagenet2012": dict(name="imagenet2012", image_size=256, crop_size=224, num_train=1281167),
 }
@@ -27,6 +27,12 @@ MODELS = {
     "vit_ti4": dict(name="vit_ti4"),
     "vit_s16": dict(name="vit_s16"),
     "vit_b16": dict(name="vit_b16"),
+}
+
+# Keys every model config carries, so that any of them can be overridden from the command line.
+MODEL_DEFAULTS = {
+    "resnet": dict(width_multiplier=1.0, cifar_stem=False),
+    "vit": dict(pos_embed="learned", drop_path_rate=0.0),
 }
 
 
@@ -83,7 +89,8 @@ def set_model(config: ml_collections.ConfigDict, name: str, **kwargs: Any) -> No
         from ssl_jax.config import ConfigError
 
         raise ConfigError(f"unknown model={name!r}; e.g. {', '.join(MODELS)}")
-    config.model = dict(name=name, **kwargs)
+    family = MODEL_DEFAULTS["resnet" if name.startswith("resnet") else "vit"]
+    config.model = dict(name=name, **{**family, **kwargs})
 
 
 def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
@@ -101,10 +108,10 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.probe_epochs = 10
     name = config.model.name
     if name.startswith("resnet"):
-        config.model = dict(name="resnet18", width_multiplier=0.125, cifar_stem=True)
+        set_model(config, "resnet18", width_multiplier=0.125, cifar_stem=True)
     else:
         patch = 4 if config.aug.view1.size % 4 == 0 else 2
-        config.model = dict(name=f"vit_ti{patch}", depth=2)
+        set_model(config, f"vit_ti{patch}", depth=2)
     config.data.image_size = min(config.data.image_size, 32)
     for view in (config.aug.view1, config.aug.view2):
         view.size = min(view.size, 16)

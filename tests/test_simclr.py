@@ -88,3 +88,16 @@ def test_step_same_on_1_and_8_devices():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
     # Synced BatchNorm: running statistics computed over the global batch on both.
     chex.assert_trees_all_close(extra8, extra1, rtol=1e-4, atol=1e-6)
+
+
+def test_simclr_trains_a_vit(tmp_path):
+    """The same method and trainer with a ViT encoder (no BatchNorm in the encoder)."""
+    from ssl_jax import train
+
+    config = simclr_config.get_config("data=digits,runlocal,model=vit_ti4")
+    with config.unlocked():
+        config.total_steps = 2
+    state = train.train(config, str(tmp_path))
+    assert int(state["step"]) == 2 and int(state["nonfinite_steps"]) == 0
+    assert "pos_embedding" in state["params"]["encoder"]
+    assert state["extra"]["encoder"] == {}

@@ -1,0 +1,78 @@
+"""Optimizer masks and schedules (optim.py) and config parsing (config.py)."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from ssl_jax import config as config_lib
+from ssl_jax import optim
+
+
+def test_lr_scaling_and_warmup_cosine():
+    cfg = optim.optim_config(base_lr=0.3, warmup_epochs=2.0, end_lr_factor=0.0)
+    assert optim.peak_learning_rate(cfg, 4096) == pytest.approx(0.3 * 16)
+    cfg.lr_scaling = "sqrt"
+    assert optim.peak_learning_rate(cfg, 1024) == pytest.approx(0.6)
+    cfg.lr_scaling = "linear"
+    sched = optim.learning_rate_schedule(cfg, 512, total_steps=100, steps_per_epoch=10)
+    peak = 0.6
+    assert float(sched(0)) == 0.0
+    assert float(sched(10)) == pytest.approx(peak / 2)  # linear warm-up over 20 steps
+    assert float(sched(20)) == pytest.approx(peak)
+    # Cosine from the end of warm-up: lr(t) = peak * (1 + cos(pi * (t - 20) / 80)) / 2.
+    assert float(sched(60)) == pytest.approx(peak * (1 + np.cos(np.pi * 40 / 80)) / 2, rel=1e-5)
+    assert float(sched(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_lars_skips_biases_and_norm_params():
+    """Weight decay and the trust ratio touch kernels only: with a zero gradient, only the
+    kernel moves (decay), and the bias / BN scale keep their values."""
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "bn": {"scale": jnp.ones((4,))}}
+    cfg = optim.optim_config(name="lars", weight_decay=0.1, momentum=0.0)
+    tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))
+    zeros = {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,)), "bn": {"scale": jnp.zeros(4)}}
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(updates["kernel"]).sum()) > 0
+    assert float(jnp.abs(updates["bias"]).sum()) == 0
+    assert float(jnp.abs(updates["bn"]["scale"]).sum()) == 0
+    assert optim.decay_mask(params) == {"kernel": True, "bias": False, "bn": {"scale": False}}
+
+
+def test_bad_optimizer_keys():
+    with pytest.raises(ValueError, match="optim.name"):
+        optim.make_optimizer(optim.optim_config(name="adam_typo"), optax.constant_schedule(1.0))
+    with pytest.raises(config_lib.ConfigError, match="optim.lr_scaling"):
+        optim.peak_learning_rate(optim.optim_config(lr_scaling="cubic"), 256)
+
+
+def test_parse_arg_presets():
+    arg = config_lib.parse_arg("data=cifar10,runlocal", data="digits", model="", runlocal=False)
+    assert (arg.data, arg.model, arg.runlocal) == ("cifar10", "", True)
+    with pytest.raises(config_lib.ConfigError, match="needs a value"):
+        config_lib.parse_arg("data", data="digits")
+
+
+def test_overrides_are_typed_and_known():
+    cfg = ml_collections.ConfigDict({"a": 1, "b": {"c": 0.5, "d": "x", "e": (1, 2), "f": True}})
+    config_lib.apply_overrides(cfg, ["a=3", "b.c=2", "b.d=y", "b.e=(3, 4)", "b.f=false"])
+    assert cfg.a == 3 and cfg.b.c == 2.0 and cfg.b.d == "y" and cfg.b.e == (3, 4)
+    assert cfg.b.f is False
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'b.zz'"):
+        config_lib.apply_overrides(cfg, ["b.zz=1"])
+    with pytest.raises(config_lib.ConfigError, match="expected a value of type int"):
+        config_lib.apply_overrides(cfg, ["a=many"])
+
+
+def test_json_round_trip_keeps_tuples():
+    cfg = ml_collections.ConfigDict({"rules": ((".*", "replicate"),), "n": {"x": (0.2, 1.0)}})
+    back = config_lib.from_json(config_lib.to_json(cfg))
+    assert back.rules == ((".*", "replicate"),) and back.n.x == (0.2, 1.0)
+
+
+def test_split_config_overrides():
+    argv = ["prog", "--workdir", "d", "--config.eval.step=3", "--config.eval.knn_k", "5"]
+    others, overrides = config_lib.split_config_overrides(argv)
+    assert others == ["prog", "--workdir", "d"]
+    assert overrides == ["eval.step=3", "eval.knn_k=5"]
