@@ -78,7 +78,7 @@ def train(
     total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
 
     # --- Method, optimizer, state ---------------------------------------------------------------
-    method = methods.create(config, mesh)
+    method = methods.create(config, mesh, total_steps, steps_per_epoch)
     setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
     schedule, tx, shardings = setup.schedule, setup.tx, setup.shardings
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))

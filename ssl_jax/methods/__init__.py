@@ -1,9 +1,10 @@
 """Self-supervised methods. One module per method holds all of its maths.
 
 The trainer knows no method by name: it imports ``ssl_jax.methods.<config.method>`` and calls its
-``create(config, mesh)``, which returns an object with this interface (:class:`Method`). Every
-array the method needs between steps (BatchNorm statistics, an EMA teacher, a centre, a queue)
-lives in its ``extra`` pytree, which is saved whole in every checkpoint beside the parameters.
+``create(config, mesh, total_steps=..., steps_per_epoch=...)``, which returns an object with
+this interface (:class:`Method`). Every array the method needs between steps (BatchNorm
+statistics, an EMA teacher, a centre, a queue) lives in its ``extra`` pytree, which is saved
+whole in every checkpoint beside the parameters.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ class Method(Protocol):
         """The variables of :attr:`encoder` (``{'params': ..., 'batch_stats': ...}``)."""
 
 
-def create(config: ml_collections.ConfigDict, mesh: Mesh) -> Method:
-    """Builds the method named by ``config.method``."""
+def create(
+    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 1, steps_per_epoch: int = 1
+) -> Method:
+    """Builds the method named by ``config.method``.
+
+    ``total_steps`` and ``steps_per_epoch`` give the run's length to methods whose schedules
+    depend on it (EMA momentum, temperatures); jobs that only evaluate may leave them at 1."""
     name = config.method
     try:
         module = importlib.import_module(f"{__name__}.{name}")
@@ -56,4 +62,4 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> Method:
             f"config.method={name!r} is not a method of ssl_jax: expected a module "
             f"ssl_jax/methods/{name}.py"
         ) from None
-    return module.create(config, mesh)
+    return module.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

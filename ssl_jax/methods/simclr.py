@@ -175,5 +175,6 @@ def simclr_config(**overrides: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
-def create(config: ml_collections.ConfigDict, mesh: Mesh | None) -> SimCLR:
+def create(config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int) -> SimCLR:
+    del run_length  # SimCLR has no schedule of its own.
     return SimCLR(config, mesh)
