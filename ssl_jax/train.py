@@ -28,14 +28,6 @@ from ssl_jax.data import pipeline
 from ssl_jax.metrics import MetricsWriter
 from ssl_jax.step import build_state, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
-_STOP_AT = flags.DEFINE_integer("stop_at_step", 0, "End this invocation after this step (with a "
-                                "checkpoint); the run resumes from there when started again.")
-
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf loss or gradient and ``on_nonfinite='stop'``."""
@@ -161,16 +153,29 @@ def _progress_bar(total: int, initial: int):
                      unit="step", dynamic_ncols=True)
 
 
+def define_flags() -> None:
+    """The command line of ``python -m ssl_jax.train`` (defined only when run as a program)."""
+    config_flags.DEFINE_config_file("config", None, "Training config file.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+    flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", -1, "This process's index.")
+    flags.DEFINE_integer("stop_at_step", 0, "End this invocation after this step (with a "
+                         "checkpoint); the run resumes from there when started again.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    args = flags.FLAGS
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    if args.config is None or args.workdir is None:
         raise flags.Error("--config and --workdir are required")
-    train(_CONFIG.value, _WORKDIR.value, _STOP_AT.value)
+    train(args.config, args.workdir, args.stop_at_step)
 
 
 if __name__ == "__main__":
     from ssl_jax import cli
 
+    define_flags()
     cli.run(main)

@@ -29,7 +29,6 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import linear_probe
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the training run to evaluate.")
 _OVERRIDES: list[str] = []
 
 
@@ -119,13 +118,15 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise flags.Error("--workdir is required")
-    evaluate(_WORKDIR.value, _OVERRIDES)
+    parallel.initialize_distributed()
+    evaluate(flags.FLAGS.workdir, _OVERRIDES)
 
 
 if __name__ == "__main__":
     from ssl_jax import cli
 
+    flags.DEFINE_string("workdir", None, "Directory of the training run to evaluate.")
     sys.argv, _OVERRIDES[:] = config_lib.split_config_overrides(sys.argv)
     cli.run(main)
