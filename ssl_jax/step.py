@@ -58,6 +58,13 @@ class StateSetup(NamedTuple):
     shardings: Any
 
 
+def example_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
+    """A batch of zeros shaped like the pipeline's output (one image per device), for init."""
+    size = config.data.image_size
+    return {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
+            "label": jnp.zeros((mesh.size,), jnp.int32)}
+
+
 def build_state(
     config: ml_collections.ConfigDict, mesh: Mesh, method: Any, total_steps: int,
     steps_per_epoch: int,
@@ -66,9 +73,7 @@ def build_state(
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
                                             steps_per_epoch)
     tx = optim.make_optimizer(config.optim, schedule)
-    size = config.data.image_size
-    example = {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
-               "label": jnp.zeros((mesh.size,), jnp.int32)}
+    example = example_batch(config, mesh)
 
     def init_state(rng):
         params, extra = method.init(rng, example)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -16,7 +15,7 @@ from jax.sharding import Mesh
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import methods, parallel
 from ssl_jax.data import augment, pipeline
-from ssl_jax.step import build_state
+from ssl_jax.step import build_state, example_batch
 
 # Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to
 # the training crop size when the two differ.
@@ -52,10 +51,7 @@ def restore_encoder(
 def random_encoder(config: ml_collections.ConfigDict, mesh: Mesh, seed: int) -> tuple[Any, Any]:
     """The same method and encoder architecture, randomly initialised (the baseline)."""
     method = methods.create(config, mesh)
-    size = config.data.image_size
-    example = {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
-               "label": jnp.zeros((mesh.size,), jnp.int32)}
-    params, extra = jax.jit(method.init)(jax.random.key(seed), example)
+    params, extra = jax.jit(method.init)(jax.random.key(seed), example_batch(config, mesh))
     return method, method.encoder_variables(params, extra)
 
 
