@@ -59,7 +59,7 @@ def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) ->
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = workdir / "config.json.tmp"
         tmp.write_text(config_lib.to_json(config))
-        tmp.rename(saved_path)
+        tmp.replace(saved_path)
 
 
 def load_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:

@@ -10,21 +10,33 @@
     weight_decay    decoupled weight decay (LARS: added to the gradient before the trust ratio)
     momentum        LARS / SGD momentum
     b1, b2          AdamW betas
-    grad_clip_norm  global-norm clipping (0 disables)
+    grad_clip_norm  gradient clipping (0 disables)
+    grad_clip_kind  'global' (one norm over all gradients) or 'per_parameter' (each parameter's
+                    gradient clipped to its own norm, as DINO's code does)
+    weight_decay_end  > 0: weight decay follows a cosine from ``weight_decay`` at step 0 to
+                    ``weight_decay_end`` at the last step (DINO: 0.04 -> 0.4); 0: constant
+    freeze          ``((regex, epochs), ...)``: parameters whose ``/``-joined path matches
+                    ``regex`` get no update at all (no gradient step, no weight decay, no moment
+                    update) during the first ``epochs`` epochs, e.g. DINO's last layer
 
 Weight decay and LARS's trust-ratio adaptation skip biases and normalisation parameters (every
-parameter with fewer than 2 dimensions), as SimCLR, BYOL and MAE do.
+parameter with fewer than 2 dimensions), as SimCLR, BYOL and MAE do. Keys added after a run
+started are read with their defaults, so older runs' configs still restore.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ssl_jax import parallel
 from ssl_jax.config import require
 
 
@@ -56,34 +68,130 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(
-    cfg: ml_collections.ConfigDict, schedule: optax.Schedule
+def weight_decay_schedule(
+    cfg: ml_collections.ConfigDict, total_steps: int
+) -> float | optax.Schedule:
+    """``weight_decay`` as is, or with ``weight_decay_end`` > 0 DINO's cosine::
+
+        wd(t) = end + (start - end) * (1 + cos(pi * t / T)) / 2,   T = total_steps
+
+    (``start`` at step 0, ``end`` from step T on)."""
+    start, end = cfg.weight_decay, cfg.get("weight_decay_end", 0.0)
+    require(end >= 0, "optim.weight_decay_end", "must be >= 0 (0 keeps weight decay constant)")
+    if not end:
+        return start
+    horizon = max(total_steps, 1)
+
+    def schedule(count):
+        t = jnp.minimum(count, horizon) / horizon
+        return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
+def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales each parameter's gradient ``g`` by ``min(1, max_norm / (||g|| + 1e-6))`` (DINO's
+    ``clip_gradients``), unlike ``optax.clip_by_global_norm`` which uses one norm for all."""
+
+    def clip(updates, params=None):
+        del params
+
+        def one(g):
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+
+        return jax.tree_util.tree_map(one, updates)
+
+    return optax.stateless(clip)
+
+
+def _base_optimizer(
+    cfg: ml_collections.ConfigDict, learning_rate: optax.Schedule, weight_decay: Any
 ) -> optax.GradientTransformation:
-    """The optimizer named by ``cfg.name`` driven by ``schedule``, with optional clipping."""
-    require(cfg.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    require(cfg.base_lr > 0, "optim.base_lr", "must be > 0")
     if cfg.name == "lars":
-        tx = optax.lars(
-            schedule,
-            weight_decay=cfg.weight_decay,
+        return optax.lars(
+            learning_rate,
+            weight_decay=weight_decay,
             weight_decay_mask=decay_mask,
             trust_ratio_mask=decay_mask,
             momentum=cfg.momentum,
         )
-    elif cfg.name == "adamw":
-        tx = optax.adamw(
-            schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
+    if cfg.name == "adamw":
+        return optax.adamw(
+            learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay, mask=decay_mask
         )
-    elif cfg.name == "sgd":
-        tx = optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-            optax.sgd(schedule, momentum=cfg.momentum),
+    if cfg.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.sgd(learning_rate, momentum=cfg.momentum),
         )
-    else:
-        raise ValueError(f"config.optim.name={cfg.name!r} must be 'lars', 'adamw' or 'sgd'")
+    raise ValueError(f"config.optim.name={cfg.name!r} must be 'lars', 'adamw' or 'sgd'")
+
+
+def _shifted(schedule: Any, shift: int) -> Any:
+    """``schedule(count + shift)``: a frozen group's optimizer counts only its own updates."""
+    if not callable(schedule) or not shift:
+        return schedule
+    return lambda count: schedule(count + shift)
+
+
+def freeze_labels(params: Any, rules: tuple[tuple[str, float], ...]) -> Any:
+    """Per parameter: ``'freeze{i}'`` for the first rule whose regex matches its path, else
+    ``'train'``."""
+    compiled = [re.compile(pattern) for pattern, _ in rules]
+
+    def label(path, _):
+        name = parallel._path_str(path)
+        for i, pattern in enumerate(compiled):
+            if pattern.search(name):
+                return f"freeze{i}"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    steps_per_epoch: int = 1,
+    total_steps: int = 1,
+) -> optax.GradientTransformation:
+    """The optimizer named by ``cfg.name`` driven by ``schedule``, with optional clipping, a
+    weight-decay schedule and parameter groups frozen for the first epochs.
+
+    The state's structure depends on the config only, not on the run length, so a job that only
+    restores a checkpoint may pass the defaults."""
+    require(cfg.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(cfg.base_lr > 0, "optim.base_lr", "must be > 0")
+    clip_kind = cfg.get("grad_clip_kind", "global")
+    require(clip_kind in ("global", "per_parameter"), "optim.grad_clip_kind",
+            "must be 'global' or 'per_parameter'")
+    rules = tuple(cfg.get("freeze", ()))
+    for rule in rules:
+        require(isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] >= 0,
+                "optim.freeze", f"entry {rule!r} must be a pair (regex, epochs >= 0)")
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as e:
+            require(False, "optim.freeze", f"regex {rule[0]!r} does not compile: {e}")
+    weight_decay = weight_decay_schedule(cfg, total_steps)
+    tx = _base_optimizer(cfg, schedule, weight_decay)
+    if rules:
+        groups: dict[str, optax.GradientTransformation] = {"train": tx}
+        for i, (_, epochs) in enumerate(rules):
+            steps = int(round(epochs * steps_per_epoch))
+            inner = _base_optimizer(cfg, _shifted(schedule, steps), _shifted(weight_decay, steps))
+            groups[f"freeze{i}"] = optax.transforms.conditionally_mask(
+                inner, _from_step(steps))
+        tx = optax.multi_transform(groups, lambda params: freeze_labels(params, rules))
     if cfg.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+        clip = (optax.clip_by_global_norm if clip_kind == "global" else clip_by_parameter_norm)
+        tx = optax.chain(clip(cfg.grad_clip_norm), tx)
     return tx
+
+
+def _from_step(steps: int) -> Callable[[jax.Array], jax.Array]:
+    return lambda count: count >= steps
 
 
 def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -100,6 +208,9 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
             b1=0.9,
             b2=0.999,
             grad_clip_norm=0.0,
+            grad_clip_kind="global",
+            weight_decay_end=0.0,
+            freeze=(),
         )
     )
     cfg.update(overrides)

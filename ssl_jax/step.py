@@ -72,7 +72,7 @@ def build_state(
     """The state ``{step, params, extra, opt_state, nonfinite_steps}`` of ``method``."""
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
                                             steps_per_epoch)
-    tx = optim.make_optimizer(config.optim, schedule)
+    tx = optim.make_optimizer(config.optim, schedule, steps_per_epoch, total_steps)
     example = example_batch(config, mesh)
 
     def init_state(rng):

@@ -98,7 +98,7 @@ def _write_results(path: epath.Path, results: dict[str, Any]) -> None:
     existing["latest"] = results
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(existing, indent=2))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def format_table(results: dict[str, Any]) -> str:

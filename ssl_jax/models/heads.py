@@ -1,4 +1,4 @@
-"""Heads on top of encoder features: projection MLP and linear classifier."""
+"""Heads on top of encoder features: projection MLP, DINO head and linear classifier."""
 
 from __future__ import annotations
 
@@ -53,6 +53,72 @@ class ProjectionMLP(nn.Module):
             if not last:
                 x = nn.relu(x)
         x = x.astype(jnp.float32)
+        chex.assert_shape(x, (batch, self.out_dim))
+        return x
+
+
+class WeightNormDense(nn.Module):
+    """Weight-normalised linear layer without bias (Salimans & Kingma 2016), as DINO's last layer.
+
+    ``W[:, j] = g_j * v[:, j] / ||v[:, j]||``: a direction ``v`` (parameter ``kernel_v``,
+    ``[in, features]``) and a per-output gain ``g`` (parameter ``gain``, initialised to 1). With
+    ``fix_gain`` there is no gain parameter: ``g = 1`` always (DINO's ``norm_last_layer``).
+    ``[batch, in] -> [batch, features]``.
+    """
+
+    features: int
+    fix_gain: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        # PyTorch's default Linear init, U(+-1/sqrt(in)); only the direction matters.
+        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        v = self.param("kernel_v", init, (x.shape[-1], self.features))
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        if not self.fix_gain:
+            w = w * self.param("gain", nn.initializers.ones, (self.features,))
+        return x.astype(self.dtype) @ w.astype(self.dtype)
+
+
+class DINOHead(nn.Module):
+    """The DINO projection head (Caron et al. 2021): MLP, L2 normalisation, weight-normed layer.
+
+    ``num_layers - 1`` hidden layers Dense(hidden_dim) -> [BatchNorm] -> GELU, a Dense to
+    ``bottleneck_dim``, ``x / ||x||``, then :class:`WeightNormDense` to ``out_dim`` = K
+    (65536 for ImageNet), with its gain fixed to 1 when ``norm_last_layer``. Dense layers are
+    initialised with trunc-normal(0.02) and zero bias, as DINO's code.
+
+    ``__call__(x [batch, d], train) -> [batch, out_dim]`` float32 logits.
+    """
+
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        if self.num_layers < 1:
+            raise ValueError(f"DINOHead num_layers={self.num_layers} must be >= 1.")
+        chex.assert_rank(x, 2)
+        batch = x.shape[0]
+        x = x.astype(self.dtype)
+        init = nn.initializers.truncated_normal(stddev=0.02)
+        for i in range(self.num_layers - 1):
+            x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=init, name=f"dense{i}")(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
+            x = nn.gelu(x, approximate=False)
+        x = nn.Dense(self.bottleneck_dim, dtype=self.dtype, kernel_init=init,
+                     name=f"dense{self.num_layers - 1}")(x)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = WeightNormDense(self.out_dim, fix_gain=self.norm_last_layer, dtype=self.dtype,
+                            name="last_layer")(x).astype(jnp.float32)
         chex.assert_shape(x, (batch, self.out_dim))
         return x
 

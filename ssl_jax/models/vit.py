@@ -121,7 +121,12 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, bias: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, bias: jnp.ndarray | None = None, return_weights: bool = False
+    ) -> jnp.ndarray:
+        """With ``return_weights``: the attention probabilities ``[batch, heads, tokens,
+        tokens]`` (float32, rows sum to 1) instead of the output; the normal path stays on
+        ``jax.nn.dot_product_attention``."""
         batch, tokens, _ = x.shape
         head_dim = self.dim // self.num_heads
         qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="qkv")(x)
@@ -129,6 +134,11 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if bias is not None:
             bias = bias.astype(q.dtype)
+        if return_weights:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
+            if bias is not None:
+                logits = logits + bias.astype(jnp.float32)
+            return jax.nn.softmax(logits, axis=-1)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias)
         out = out.reshape(batch, tokens, self.dim)
         return nn.Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="proj")(out)
@@ -162,10 +172,18 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, train: bool, attn_bias: jnp.ndarray | None = None
+        self,
+        x: jnp.ndarray,
+        train: bool,
+        attn_bias: jnp.ndarray | None = None,
+        return_attention: bool = False,
     ) -> jnp.ndarray:
+        """``return_attention``: this block's attention weights ``[batch, heads, t, t]``."""
         y = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm1")(x)
-        y = Attention(self.dim, self.num_heads, self.dtype, name="attn")(y, attn_bias)
+        attention = Attention(self.dim, self.num_heads, self.dtype, name="attn")
+        if return_attention:
+            return attention(y, attn_bias, return_weights=True)
+        y = attention(y, attn_bias)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls1")(y)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic=not train)
@@ -183,7 +201,10 @@ class ViT(nn.Module):
     `__call__(x [batch, height, width, channels], train)` -> `[batch, dim]` (float32): the cls
     token after the final LayerNorm, or the mean of the patch tokens when `use_cls_token` is
     False. With `return_tokens=True`: `[batch, num_prefix_tokens + num_patches, dim]`, all
-    tokens after the final LayerNorm. Height and width must be multiples of `patch_size`.
+    tokens after the final LayerNorm. With `return_attention=True`: the last block's attention
+    probabilities `[batch, num_heads, tokens, tokens]` (softmax(q k^T / sqrt(d)), float32), for
+    attention maps; the row of token 0 is the cls token's attention. Height and width must be
+    multiples of `patch_size`.
 
     Attributes:
       patch_size: side of the square patches (convolution with kernel = stride = patch).
@@ -329,13 +350,34 @@ class ViT(nn.Module):
             return tokens[:, 0]
         return jnp.mean(tokens, axis=1)
 
-    def __call__(self, x: jnp.ndarray, train: bool, *, return_tokens: bool = False) -> jnp.ndarray:
+    def last_attention(self, tokens: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """The last block's attention weights ``[batch, heads, t, t]`` for input tokens
+        ``[batch, t, dim]`` (the blocks before it run as in :meth:`encode`)."""
+        if not self.blocks:
+            raise ValueError("ViT with depth=0 has no attention to return.")
+        for block in self.blocks[:-1]:
+            tokens = block(tokens, train)
+        return self.blocks[-1](tokens, train, return_attention=True)
+
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        train: bool,
+        *,
+        return_tokens: bool = False,
+        return_attention: bool = False,
+    ) -> jnp.ndarray:
         tokens, grid = self.embed(x)
         prefix_pos, patch_pos = self.position_embeddings(grid)
         tokens = tokens + patch_pos.astype(tokens.dtype)
         tokens = self.prepend_cls(tokens, prefix_pos)
-        tokens = self.encode(tokens, train).astype(jnp.float32)
         batch = x.shape[0]
+        if return_attention:
+            weights = self.last_attention(tokens, train)
+            t = self.num_prefix_tokens + grid[0] * grid[1]
+            chex.assert_shape(weights, (batch, self.num_heads, t, t))
+            return weights
+        tokens = self.encode(tokens, train).astype(jnp.float32)
         if return_tokens:
             chex.assert_shape(tokens, (batch, self.num_prefix_tokens + grid[0] * grid[1], self.dim))
             return tokens
