@@ -77,6 +77,7 @@ def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
             max_train_examples=0,  # 0: the whole split
             max_test_examples=0,
             random_init_baseline=True,
+            attention_images=4,  # ViT encoders: cls attention maps of this many test images
         )
     )
     cfg.update(overrides)

@@ -8,7 +8,9 @@ features of the train and test splits without augmentation, and runs (a) a linea
 learning rate and weight decay are chosen on a held-out part of the TRAIN split, reporting test
 top-1, and (b) weighted kNN (k=20, T=0.07, as in DINO). It does the same for a randomly
 initialised encoder of the same architecture, prints both side by side, and writes
-``DIR/eval.json`` (kept per step: earlier results are never overwritten).
+``DIR/eval.json`` (kept per step: earlier results are never overwritten). When the encoder is a
+ViT it also writes ``DIR/attention_step{N}.png``: the last block's cls-token attention of every
+head for a few test images (``ssl_jax.evaluate.pictures``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from ssl_jax.data import pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import linear_probe
+from ssl_jax.evaluate.pictures import write_attention_pictures
+from ssl_jax.models.vit import ViT
 
 _OVERRIDES: list[str] = []
 
@@ -74,6 +78,12 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     results = {"step": int(step), "method": config.method, "model": config.model.name,
                "data": config.data.name, "eval_config": config.eval.to_dict()}
     results["ssl"] = evaluate_encoder(method.encoder, variables, config, mesh, config.seed)
+    if isinstance(method.encoder, ViT):
+        picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
+                                           config.eval.get("attention_images", 4))
+        if picture:
+            results["attention_picture"] = picture
+            logging.info("wrote attention maps to %s", picture)
     if config.eval.random_init_baseline:
         rnd_method, rnd_vars = features_lib.random_encoder(config, mesh, config.seed + 1)
         results["random_init"] = evaluate_encoder(

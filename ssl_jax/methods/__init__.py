@@ -46,12 +46,13 @@ class Method(Protocol):
 
 
 def create(
-    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 1, steps_per_epoch: int = 1
+    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 0, steps_per_epoch: int = 0
 ) -> Method:
     """Builds the method named by ``config.method``.
 
     ``total_steps`` and ``steps_per_epoch`` give the run's length to methods whose schedules
-    depend on it (EMA momentum, temperatures); jobs that only evaluate may leave them at 1."""
+    depend on it (EMA momentum, temperatures); jobs that only evaluate leave them at 0
+    (unknown), and methods then skip checks of their schedules against the run length."""
     name = config.method
     try:
         module = importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,138 @@
+"""Pictures of a frozen encoder for people to look at (PIL only).
+
+Attention maps (as in DINO's Fig. 1): for a few test images, the attention of the cls token over
+the patch grid in the last block of a ViT, one map per head. ``DIR/attention_step{N}.png`` has
+one row per image: the image as the encoder saw it (the evaluation's centre crop), then one heat
+map per head (each scaled to its own min-max, dark = low, bright = high, one square per patch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from PIL import Image
+
+from ssl_jax import parallel
+from ssl_jax.data import augment, pipeline
+from ssl_jax.evaluate.features import eval_view
+
+# Anchors of a perceptually ordered dark-to-bright map (close to matplotlib's 'inferno').
+COLOR_ANCHORS = np.array(
+    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+     (250, 193, 39), (252, 255, 164)], np.float64)
+TILE = 96  # pixels per picture tile
+GAP = 2  # white pixels between tiles
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """``[h, w]`` floats in [0, 1] -> ``[h, w, 3]`` uint8 through :data:`COLOR_ANCHORS`."""
+    x = np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (len(COLOR_ANCHORS) - 1)
+    low = np.minimum(np.floor(x).astype(int), len(COLOR_ANCHORS) - 2)
+    frac = (x - low)[..., None]
+    rgb = COLOR_ANCHORS[low] * (1.0 - frac) + COLOR_ANCHORS[low + 1] * frac
+    return np.round(rgb).astype(np.uint8)
+
+
+def normalize_map(attention: np.ndarray) -> np.ndarray:
+    """Min-max scaling of one map to [0, 1] (a constant map becomes 0)."""
+    lo, hi = float(np.min(attention)), float(np.max(attention))
+    return (attention - lo) / (hi - lo) if hi > lo else np.zeros_like(attention)
+
+
+def cls_attention_maps(weights: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
+    """The cls token's row of the attention weights on the patch grid.
+
+    ``weights [batch, heads, tokens, tokens]`` (token 0 = cls, then ``num_prefix - 1`` other prefix
+    tokens, then the patches row-major) -> ``[batch, heads, grid_h, grid_w]``.
+    """
+    chex.assert_rank(weights, 4)
+    batch, heads = weights.shape[:2]
+    chex.assert_axis_dimension(weights, 3, num_prefix + grid[0] * grid[1])
+    return weights[:, :, 0, num_prefix:].reshape(batch, heads, *grid)
+
+
+def attention_figure(images: np.ndarray, maps: np.ndarray, tile: int = TILE) -> Image.Image:
+    """One row per image: the image, then one heat map per head.
+
+    Args:
+      images: ``[n, h, w, 3]`` uint8.
+      maps: ``[n, heads, grid_h, grid_w]`` attention (any scale; each map is min-max scaled).
+      tile: side of every tile in pixels; maps are enlarged with nearest neighbours so that each
+        patch stays a visible square.
+    """
+    chex.assert_rank([images, maps], [4, 4])
+    n, heads = maps.shape[:2]
+    if images.shape[0] != n:
+        raise ValueError(f"{images.shape[0]} images but attention maps of {n}")
+    width = (heads + 1) * tile + heads * GAP
+    height = n * tile + (n - 1) * GAP
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    for row in range(n):
+        top = row * (tile + GAP)
+        picture = Image.fromarray(np.asarray(images[row], np.uint8))
+        canvas.paste(picture.resize((tile, tile), Image.Resampling.BICUBIC), (0, top))
+        for head in range(heads):
+            heat = Image.fromarray(colorize(normalize_map(maps[row, head])))
+            left = (head + 1) * (tile + GAP)
+            canvas.paste(heat.resize((tile, tile), Image.Resampling.NEAREST), (left, top))
+    return canvas
+
+
+def attention_maps(encoder: Any, variables: Any, images: jax.Array, crop: int) -> tuple:
+    """``(maps [n, heads, gh, gw], crops [n, crop, crop, 3] uint8)`` of uint8 ``images``
+    ``[n, s, s, 3]`` seen through the evaluation's centre crop (jittable)."""
+    x = eval_view(images, crop)
+    weights = encoder.apply(variables, x, train=False, return_attention=True)
+    grid = (crop // encoder.patch_size, crop // encoder.patch_size)
+    maps = cls_attention_maps(weights, grid, encoder.num_prefix_tokens)
+    mean = jnp.asarray(augment.IMAGENET_MEAN)
+    std = jnp.asarray(augment.IMAGENET_STD)
+    pixels = jnp.clip(jnp.round((x * std + mean) * 255.0), 0, 255).astype(jnp.uint8)
+    return maps, pixels
+
+
+def write_attention_pictures(
+    encoder: Any,
+    variables: Any,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    workdir: epath.PathLike,
+    step: int,
+    num_images: int = 4,
+) -> str | None:
+    """Writes ``DIR/attention_step{step}.png`` for the first ``num_images`` test images.
+
+    Every process runs the (sharded) forward pass; process 0 writes. Returns the path, or None
+    when the encoder has no cls token to take the attention of."""
+    if not getattr(encoder, "use_cls_token", False) or num_images <= 0:
+        return None
+    crop = config.aug.view1.size
+    batch = next(iter(pipeline.eval_batches(
+        config.data, config.data.test_split, batch_size=config.eval.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())))
+    arrays = parallel.global_batch(batch, mesh)
+    keep = min(num_images, config.eval.batch_size)
+
+    @jax.jit
+    def first_maps(variables, images, mask):
+        maps, pixels = attention_maps(encoder, variables, images, crop)
+        return maps[:keep], pixels[:keep], mask[:keep]
+
+    out = multihost_utils.process_allgather(
+        first_maps(variables, arrays["image"], arrays["mask"]), tiled=True)
+    maps, pixels, mask = (np.asarray(a) for a in out)
+    mask = mask.astype(bool)
+    if not mask.any():
+        return None
+    path = epath.Path(workdir) / f"attention_step{step}.png"
+    if parallel.is_main_process():
+        attention_figure(pixels[mask], maps[mask]).save(str(path))
+    return str(path)
