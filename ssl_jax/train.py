@@ -105,15 +105,22 @@ def train(
     for step in range(start_step + 1, last + 1):
         batch = parallel.global_batch(_images_and_labels(next(data_iter)), mesh)
         state, metrics = step_fn(state, batch)
-        if step % config.log_every == 0 or step == total_steps:
+        if step == start_step + 1:  # Time compilation apart so images/s measures the steps.
+            jax.block_until_ready(state)
+            first_step_s = time.perf_counter() - last_time
+            logging.info("first step, compilation included: %.1f s", first_step_s)
+            last_time, last_step = time.perf_counter(), step
+        if step % config.log_every == 0 or step == last:
             metrics = jax.device_get(metrics)
             nonfinite = int(state["nonfinite_steps"])
             now = time.perf_counter()
-            metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
+            metrics["images_per_sec"] = (
+                config.batch_size * (step - last_step) / (now - last_time)
+                if step > last_step else config.batch_size / first_step_s)
             metrics["nonfinite_steps"] = nonfinite
             metrics["epoch"] = step / steps_per_epoch
             writer.write(step, metrics)
-            progress.update(step - last_step)
+            progress.update(step - progress.n)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  img_s=f"{metrics['images_per_sec']:.0f}")
             last_time, last_step = now, step
