@@ -104,6 +104,9 @@ def test_center_update_formula():
 
 def test_schedules_match_formulas():
     config = dino_config.get_config("data=digits")
+    with config.unlocked():
+        config.dino.update(warmup_teacher_temp=0.04, teacher_temp=0.07,
+                           warmup_teacher_temp_epochs=10.0, momentum_teacher=0.99)
     method = dino.create(config, None, total_steps=330, steps_per_epoch=11)
     assert method.warmup_steps == 110  # 10 epochs of 11 steps
     steps = np.arange(0, 400, 7)
@@ -211,6 +214,26 @@ def test_teacher_lives_outside_params_and_optimizer():
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
     moments = sum(x.size for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.ndim)
     assert moments == 2 * n_params
+
+
+def test_resnet_teacher_keeps_its_own_batchnorm_statistics():
+    """With BatchNorm (a ResNet backbone) the teacher normalises with batch statistics and
+    updates its own running statistics, which evaluation restores; the EMA moves only its
+    parameters."""
+    config = _light_config()
+    with config.unlocked():
+        config.model = {"name": "resnet18", "width_multiplier": 0.125, "cifar_stem": True}
+    method = dino.create(config, None)
+    params, extra = method.init(jax.random.key(0), _batch())
+    loss, (_, new_extra) = jax.jit(method.loss)(params, extra, _batch(), jax.random.key(1), 0)
+    assert np.isfinite(loss)
+    stats = new_extra["teacher_state"]["encoder"]["batch_stats"]
+    before = extra["teacher_state"]["encoder"]["batch_stats"]
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), stats, before)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+    after = method.after_update(params, new_extra, jnp.int32(0))
+    chex.assert_trees_all_equal(after["teacher_state"], new_extra["teacher_state"])
+    assert method.encoder_variables(params, after)["batch_stats"] is stats
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Optimizer masks and schedules (optim.py) and config parsing (config.py)."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -76,3 +77,54 @@ def test_split_config_overrides():
     others, overrides = config_lib.split_config_overrides(argv)
     assert others == ["prog", "--workdir", "d"]
     assert overrides == ["eval.step=3", "eval.knn_k=5"]
+
+
+def test_weight_decay_cosine_schedule_in_adamw():
+    """``weight_decay_end`` > 0: wd(t) = end + (start - end) (1 + cos(pi t / T)) / 2, applied
+    decoupled (update = -lr * wd(t) * p when the gradient is zero)."""
+    cfg = optim.optim_config(name="adamw", weight_decay=0.04, weight_decay_end=0.4)
+    wd = optim.weight_decay_schedule(cfg, total_steps=10)
+    for t in (0, 3, 10, 12):
+        expected = 0.4 + (0.04 - 0.4) * (1 + np.cos(np.pi * min(t, 10) / 10)) / 2
+        assert float(wd(t)) == pytest.approx(expected, rel=1e-6)
+    tx = optim.make_optimizer(cfg, optax.constant_schedule(0.5), total_steps=10)
+    params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.ones(3)}
+    zeros = {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}
+    state = tx.init(params)
+    for t in range(3):
+        updates, state = tx.update(zeros, state, params)
+        np.testing.assert_allclose(updates["kernel"], -0.5 * float(wd(t)) * 2.0, rtol=1e-5)
+        assert float(jnp.abs(updates["bias"]).max()) == 0.0
+    assert optim.weight_decay_schedule(optim.optim_config(weight_decay=0.1), 10) == 0.1
+
+
+def test_per_parameter_gradient_clipping():
+    """DINO's clipping: each gradient to its own norm, unlike one global norm."""
+    grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}  # norms 5 and 0.5
+    clip = optim.clip_by_parameter_norm(1.0)
+    out, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(out["a"], np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(out["b"], grads["b"])  # below the threshold: unchanged
+    cfg = optim.optim_config(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0,
+                             grad_clip_kind="per_parameter")
+    tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))
+    updates, _ = tx.update(grads, tx.init(grads), grads)
+    np.testing.assert_allclose(updates["b"], -grads["b"], rtol=1e-6)
+
+
+def test_freeze_and_clip_keys_are_checked():
+    schedule = optax.constant_schedule(1.0)
+    with pytest.raises(config_lib.ConfigError, match="optim.freeze"):
+        optim.make_optimizer(optim.optim_config(freeze=(("head", -1.0),)), schedule)
+    with pytest.raises(config_lib.ConfigError, match="optim.freeze"):
+        optim.make_optimizer(optim.optim_config(freeze=(("head[", 1.0),)), schedule)
+    with pytest.raises(config_lib.ConfigError, match="optim.grad_clip_kind"):
+        optim.make_optimizer(optim.optim_config(grad_clip_kind="local"), schedule)
+    # A config of a run started before these keys existed still builds the same optimizer.
+    old = optim.optim_config()
+    for key in ("freeze", "weight_decay_end", "grad_clip_kind"):
+        del old[key]
+    tx = optim.make_optimizer(old, schedule)
+    params = {"kernel": jnp.ones((2, 2))}
+    assert jax.tree_util.tree_structure(tx.init(params)) == jax.tree_util.tree_structure(
+        optim.make_optimizer(optim.optim_config(), schedule).init(params))

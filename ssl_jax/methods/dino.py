@@ -148,6 +148,9 @@ class DINO:
         model = dict(config.model)
         model_name = model.pop("name")
         self.encoder = create_encoder(model_name, image_size=aug.view1.size, **model)
+        # The teacher has no stochastic depth (DINO's code builds it without drop path).
+        self.teacher_encoder = (self.encoder.clone(drop_path_rate=0.0)
+                                if isinstance(self.encoder, ViT) else self.encoder)
         _check_config(config, self.encoder, model_name, total_steps, steps_per_epoch)
         self.num_global, self.num_local = aug.num_global_crops, aug.num_local_crops
         self.global_views = (aug.view1, aug.view2)
@@ -187,14 +190,21 @@ class DINO:
         return out.reshape(batch, views, -1), state
 
     def _teacher(self, extra, crops):
-        """``crops [batch, G, s, s, 3] -> [batch, G, K]``, no gradient (eval mode: no stochastic
-        depth, running BatchNorm statistics)."""
+        """``crops [batch, G, s, s, 3] -> ([batch, G, K], teacher BatchNorm state)``, no gradient.
+
+        As in DINO's code the teacher runs in training mode without stochastic depth: BatchNorm
+        layers (ResNet backbones, ``head_bn``) normalise with the statistics of the global batch
+        and update the teacher's own running statistics, which evaluation uses."""
         batch, views = crops.shape[:2]
         teacher, state = extra["teacher"], extra["teacher_state"]
-        feats = self.encoder.apply({"params": teacher["encoder"], **state["encoder"]},
-                                   multicrop.flatten_views(crops), train=False)
-        out = self.head.apply({"params": teacher["head"], **state["head"]}, feats, train=False)
-        return jax.lax.stop_gradient(out.reshape(batch, views, -1))
+        feats, enc_state = self.teacher_encoder.apply(
+            {"params": teacher["encoder"], **state["encoder"]}, multicrop.flatten_views(crops),
+            train=True, mutable=list(state["encoder"]))
+        out, head_state = self.head.apply(
+            {"params": teacher["head"], **state["head"]}, feats, train=True,
+            mutable=list(state["head"]))
+        state = {"encoder": dict(enc_state), "head": dict(head_state)}
+        return jax.lax.stop_gradient(out.reshape(batch, views, -1)), state
 
     # --- The Method interface ----------------------------------------------------------------
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
@@ -212,7 +222,7 @@ class DINO:
         extra = {
             "state": state,  # the student's non-trained variables (BatchNorm statistics)
             "teacher": copy(params),  # the teacher starts as the student (DINO's code)
-            "teacher_state": copy(state),
+            "teacher_state": copy(state),  # the teacher's own BatchNorm statistics
             "center": jnp.zeros((self.config.dino.out_dim,), jnp.float32),
         }
         return params, extra
@@ -225,18 +235,18 @@ class DINO:
         if locals_ is not None:
             student_local, state = self._student(params, state, locals_, k_local)
             student = jnp.concatenate([student, student_local], axis=1)
-        teacher = self._teacher(extra, globals_)
+        teacher, teacher_state = self._teacher(extra, globals_)
         temp = self.teacher_temperature(step)
         loss, metrics = dino_loss(student, teacher, extra["center"], cfg.student_temp, temp)
         center = update_center(extra["center"], teacher, cfg.center_momentum)
         metrics |= {"center_norm": jnp.linalg.norm(center), "teacher_temp": temp,
                     "teacher_momentum": self.teacher_momentum(step)}
-        return loss, (metrics, {**extra, "state": state, "center": center})
+        new_extra = {**extra, "state": state, "teacher_state": teacher_state, "center": center}
+        return loss, (metrics, new_extra)
 
     def after_update(self, params, extra, step):
-        momentum = self.teacher_momentum(step)
-        return {**extra, "teacher": ema(extra["teacher"], params, momentum),
-                "teacher_state": ema(extra["teacher_state"], extra["state"], momentum)}
+        """The EMA of the teacher's parameters (its BatchNorm statistics are its own)."""
+        return {**extra, "teacher": ema(extra["teacher"], params, self.teacher_momentum(step))}
 
     def encoder_variables(self, params, extra) -> dict[str, Any]:
         """The teacher's backbone, as DINO evaluates it."""
