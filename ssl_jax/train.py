@@ -56,7 +56,6 @@ def train(
     workdir = epath.Path(workdir)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_global_batch(config.batch_size, mesh)
-    ckpt_lib.check_workdir(workdir, config)
     logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
 
     # --- Data ---------------------------------------------------------------------------------
@@ -74,6 +73,8 @@ def train(
     setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
     schedule, tx, shardings = setup.schedule, setup.tx, setup.shardings
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    # Only now that data, method and optimizer accept the config does the workdir get written.
+    ckpt_lib.check_workdir(workdir, config)
 
     checkpoints = ckpt_lib.RunCheckpoints(
         workdir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,

@@ -95,7 +95,7 @@ def test_missing_image_folder(tmp_path):
         train.train(config, str(tmp_path / "run"))
 
 
-def test_unknown_preset_and_bad_values():
+def test_unknown_preset_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'dta'"):
         simclr_config.get_config("dta=digits")
     with pytest.raises(ConfigError, match="unknown data='mnist'"):
@@ -104,7 +104,8 @@ def test_unknown_preset_and_bad_values():
     with config.unlocked():
         config.simclr.temperature = 0.0
     with pytest.raises(ConfigError, match="simclr.temperature"):
-        train.train(config, "/nonexistent/never/created")
+        train.train(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # a refused config writes nothing into the workdir
 
 
 def _cli(*args, timeout=120):
