@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import grain.python as grain
@@ -33,10 +34,16 @@ class WorkdirError(ValueError):
     """The workdir holds something that does not fit this run."""
 
 
+def workdir_path(workdir: epath.PathLike) -> epath.Path:
+    """The workdir as an absolute path (Orbax refuses relative ones); ``gs://...`` as is."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
     """Refuses a workdir that holds a run of another method or model; records the config of a new
     run. Changes to other keys (e.g. the number of epochs) are allowed on resume and logged."""
-    workdir = epath.Path(workdir)
+    workdir = workdir_path(workdir)
     saved_path = workdir / "config.json"
     if saved_path.exists():
         saved = config_lib.from_json(saved_path.read_text())
@@ -63,7 +70,7 @@ def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) ->
 
 
 def load_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / "config.json"
+    path = workdir_path(workdir) / "config.json"
     if not path.exists():
         raise WorkdirError(
             f"{path} not found: --workdir must be the directory of a training run "
@@ -103,7 +110,7 @@ class RunCheckpoints:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
         )
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = workdir_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -168,7 +175,7 @@ def export_encoder(
 ) -> epath.Path:
     """Writes the encoder's variables to ``DIR/export/<step>/`` with ``encoder.json`` (model
     config and input size), for use outside this project's jobs."""
-    target = epath.Path(workdir) / "export" / str(step)
+    target = workdir_path(workdir) / "export" / str(step)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target / "variables", variables, force=True)
     checkpointer.wait_until_finished()

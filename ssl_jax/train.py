@@ -18,7 +18,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from ssl_jax import checkpoint as ckpt_lib
@@ -53,7 +52,7 @@ def train(
     state (on the devices) for programmatic use and tests."""
     # --- Set-up -----------------------------------------------------------------------------
     check_config(config)
-    workdir = epath.Path(workdir)
+    workdir = ckpt_lib.workdir_path(workdir)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_global_batch(config.batch_size, mesh)
     logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())

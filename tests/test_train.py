@@ -132,3 +132,14 @@ def test_cli_user_error_exit_code(trained_run, tmp_path):
                   "model=vit_ti4", "--workdir", str(workdir))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: workdir" in result.stderr
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """A workdir given relative to the current directory (as in the README) works end to end."""
+    monkeypatch.chdir(tmp_path)
+    config = simclr_config.get_config("data=digits,runlocal")
+    with config.unlocked():
+        config.total_steps = 1
+    train.train(config, "workdirs/run")
+    assert ckpt_lib.RunCheckpoints("workdirs/run", read_only=True).all_steps() == [1]
+    assert (tmp_path / "workdirs" / "run" / "export" / "1" / "encoder.json").exists()

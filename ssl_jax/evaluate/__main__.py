@@ -69,7 +69,7 @@ def evaluate_encoder(encoder, variables, config, mesh, seed: int) -> dict[str, A
 
 
 def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
-    workdir = epath.Path(workdir)
+    workdir = ckpt_lib.workdir_path(workdir)
     config = ckpt_lib.load_run_config(workdir)
     config_lib.apply_overrides(config, overrides)
     mesh = parallel.make_mesh(config.mesh.fsdp)
