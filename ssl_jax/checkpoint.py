@@ -146,21 +146,27 @@ class RunCheckpoints:
         return restored["state"]
 
     def restore_latest_good(self, abstract_state: Any, data_iterator: Any = None):
-        """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)``.
+        """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)`` when
+        there is no checkpoint at all.
 
         A checkpoint that fails to restore (truncated or garbled files) is reported with a warning
-        and skipped; nothing is deleted.
+        and skipped; nothing is deleted. If checkpoints exist but none restores, this raises
+        rather than letting a fresh run start (and later save) beside them.
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        for step in reversed(steps):
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
-                if "shape" in str(e).lower() and "mismatch" in str(e).lower():
-                    raise
                 logging.warning(
                     "checkpoint %s is unreadable (%s: %s); falling back to an older one",
                     self.directory / str(step), type(e).__name__, str(e)[:200],
                 )
+        if steps:
+            raise WorkdirError(
+                f"none of the checkpoints {steps} in {self.directory} restores into this "
+                "config's state (see the warnings above); nothing was changed. Use a new "
+                "--workdir, or the config the run was started with.")
         return None, None
 
     def wait(self) -> None:
