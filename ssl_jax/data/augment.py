@@ -352,6 +352,11 @@ def normalize(
     return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
+def denormalize(x: Array) -> Array:
+    """Inverse of `normalize` (ImageNet statistics), clipped to [0, 1] for display."""
+    return jnp.clip(x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN), 0.0, 1.0)
+
+
 _REQUIRED_KEYS = tuple(
     "size crop_scale crop_ratio flip color_jitter color_jitter_p grayscale_p blur_p blur_sigma "
     "solarize_p".split()
@@ -451,9 +456,8 @@ def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
         x = random_flip(k_flip, x)
     if cfg.color_jitter > 0 and cfg.color_jitter_p > 0:
         b, c, s, h = _jitter_values(cfg)
-        x = color_jitter(
-            k_jitter, x, p=cfg.color_jitter_p, brightness=b, contrast=c, saturation=s, hue=h
-        )
+        x = color_jitter(k_jitter, x, p=cfg.color_jitter_p, brightness=b, contrast=c,
+                         saturation=s, hue=h)
     if cfg.grayscale_p > 0:
         x = random_grayscale(k_gray, x, cfg.grayscale_p)
     if cfg.blur_p > 0:

@@ -30,7 +30,7 @@ from ssl_jax.data import pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import linear_probe
-from ssl_jax.evaluate.pictures import write_attention_pictures
+from ssl_jax.evaluate.pictures import write_attention_pictures, write_method_pictures
 from ssl_jax.models.vit import ViT
 
 _OVERRIDES: list[str] = []
@@ -73,7 +73,8 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     config = ckpt_lib.load_run_config(workdir)
     config_lib.apply_overrides(config, overrides)
     mesh = parallel.make_mesh(config.mesh.fsdp)
-    method, variables, step = features_lib.restore_encoder(workdir, config, mesh, config.eval.step)
+    method, state, step = features_lib.restore_state(workdir, config, mesh, config.eval.step)
+    variables = method.encoder_variables(state["params"], state["extra"])
     logging.info("evaluating %s at step %d", workdir, step)
     results = {"step": int(step), "method": config.method, "model": config.model.name,
                "data": config.data.name, "eval_config": config.eval.to_dict()}
@@ -84,6 +85,11 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
         if picture:
             results["attention_picture"] = picture
             logging.info("wrote attention maps to %s", picture)
+    picture = write_method_pictures(method, state, config, mesh, workdir, step,
+                                    config.eval.get("attention_images", 4))
+    if picture:
+        results["reconstruction_picture"] = picture
+        logging.info("wrote reconstructions to %s", picture)
     if config.eval.random_init_baseline:
         rnd_method, rnd_vars = features_lib.random_encoder(config, mesh, config.seed + 1)
         results["random_init"] = evaluate_encoder(

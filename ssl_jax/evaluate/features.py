@@ -26,6 +26,15 @@ def restore_encoder(
     workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
 ) -> tuple[Any, Any, int]:
     """``(method, encoder_variables, step)`` from the checkpoint ``step`` (-1: the latest)."""
+    method, state, step = restore_state(workdir, config, mesh, step)
+    return method, method.encoder_variables(state["params"], state["extra"]), step
+
+
+def restore_state(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
+) -> tuple[Any, dict[str, Any], int]:
+    """``(method, train_state, step)``: the whole state (params, extra, optimizer) of the
+    checkpoint ``step`` (-1: the latest readable one)."""
     checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
     steps = checkpoints.all_steps()
     if not steps:
@@ -45,7 +54,7 @@ def restore_encoder(
         if state is None:
             raise ckpt_lib.WorkdirError(f"no readable checkpoint in {checkpoints.directory}")
     checkpoints.close()
-    return method, method.encoder_variables(state["params"], state["extra"]), step
+    return method, state, step
 
 
 def random_encoder(config: ml_collections.ConfigDict, mesh: Mesh, seed: int) -> tuple[Any, Any]:

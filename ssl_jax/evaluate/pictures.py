@@ -4,6 +4,10 @@ Attention maps (as in DINO's Fig. 1): for a few test images, the attention of th
 the patch grid in the last block of a ViT, one map per head. ``DIR/attention_step{N}.png`` has
 one row per image: the image as the encoder saw it (the evaluation's centre crop), then one heat
 map per head (each scaled to its own min-max, dark = low, bright = high, one square per patch).
+
+Method pictures: a method with ``picture_panels(params, extra, images, rng)`` (MAE: original,
+masked input, reconstruction) gets ``DIR/reconstruction_step{N}.png``, one row per test image
+and one column per panel.
 """
 
 from __future__ import annotations
@@ -93,9 +97,7 @@ def attention_maps(encoder: Any, variables: Any, images: jax.Array, crop: int) -
     weights = encoder.apply(variables, x, train=False, return_attention=True)
     grid = (crop // encoder.patch_size, crop // encoder.patch_size)
     maps = cls_attention_maps(weights, grid, encoder.num_prefix_tokens)
-    mean = jnp.asarray(augment.IMAGENET_MEAN)
-    std = jnp.asarray(augment.IMAGENET_STD)
-    pixels = jnp.clip(jnp.round((x * std + mean) * 255.0), 0, 255).astype(jnp.uint8)
+    pixels = jnp.round(augment.denormalize(x) * 255.0).astype(jnp.uint8)
     return maps, pixels
 
 
@@ -135,4 +137,51 @@ def write_attention_pictures(
     path = epath.Path(workdir) / f"attention_step{step}.png"
     if parallel.is_main_process():
         attention_figure(pixels[mask], maps[mask]).save(str(path))
+    return str(path)
+
+
+def panels_figure(panels: dict[str, np.ndarray], tile: int = TILE) -> Image.Image:
+    """One row per image, one column per panel; ``panels`` maps names to ``[n, h, w, 3]`` float
+    images in [0, 1] (all with the same ``n``)."""
+    columns = list(panels.values())
+    n = columns[0].shape[0]
+    canvas = Image.new("RGB", (len(columns) * (tile + GAP) - GAP, n * (tile + GAP) - GAP), "white")
+    for row in range(n):
+        for col, images in enumerate(columns):
+            pixels = np.clip(np.round(np.asarray(images[row]) * 255.0), 0, 255).astype(np.uint8)
+            tile_image = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(tile_image, (col * (tile + GAP), row * (tile + GAP)))
+    return canvas
+
+
+def write_method_pictures(
+    method: Any, state: Any, config: ml_collections.ConfigDict, mesh: Mesh,
+    workdir: epath.PathLike, step: int, num_images: int = 4,
+) -> str | None:
+    """Writes ``DIR/reconstruction_step{step}.png`` from ``method.picture_panels`` for the first
+    ``num_images`` test images; None when the method has no pictures."""
+    if not hasattr(method, "picture_panels") or num_images <= 0:
+        return None
+    batch = next(iter(pipeline.eval_batches(
+        config.data, config.data.test_split, batch_size=config.eval.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())))
+    arrays = parallel.global_batch(batch, mesh)
+    keep = min(num_images, config.eval.batch_size)
+
+    @jax.jit
+    def first_panels(params, extra, images, mask):
+        x = eval_view(images, config.aug.view1.size)
+        rng = jax.random.key(config.seed)
+        panels = method.picture_panels(params, extra, x, rng)
+        return {k: v[:keep] for k, v in panels.items()}, mask[:keep]
+
+    panels, mask = multihost_utils.process_allgather(
+        first_panels(state["params"], state["extra"], arrays["image"], arrays["mask"]),
+        tiled=True)
+    mask = np.asarray(mask).astype(bool)
+    if not mask.any():
+        return None
+    path = epath.Path(workdir) / f"reconstruction_step{step}.png"
+    if parallel.is_main_process():
+        panels_figure({k: np.asarray(v)[mask] for k, v in panels.items()}).save(str(path))
     return str(path)

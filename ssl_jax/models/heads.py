@@ -1,4 +1,4 @@
-"""Heads on top of encoder features: projection MLP, DINO head and linear classifier."""
+"""Heads on top of encoder features: projection MLP, DINO head, MAE decoder, linear classifier."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
+
+from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, dense_kernel_init, sincos_2d_pos_embed
 
 
 class ProjectionMLP(nn.Module):
@@ -120,6 +122,53 @@ class DINOHead(nn.Module):
         x = WeightNormDense(self.out_dim, fix_gain=self.norm_last_layer, dtype=self.dtype,
                             name="last_layer")(x).astype(jnp.float32)
         chex.assert_shape(x, (batch, self.out_dim))
+        return x
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (He et al. 2022, Sec. 3): predicts the pixels of every patch.
+
+    The encoded visible tokens are projected to the decoder width; a shared learnable mask
+    token fills every masked position; ``ids_restore`` puts the ``[visible; masked]`` sequence
+    back in patch order; fixed 2-D sin-cos position embeddings (zero for the cls token) are
+    added; ``depth`` pre-norm transformer blocks, a LayerNorm and a linear layer give
+    ``patch_dim = patch * patch * channels`` values per patch.
+
+    ``__call__(tokens [batch, 1 + n_keep, enc_dim] (cls first), ids_restore [batch, N])`` ->
+    ``[batch, N, patch_dim]`` float32 in patch order (the cls token's output is dropped).
+    """
+
+    grid: tuple[int, int]
+    patch_dim: int
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, ids_restore: jnp.ndarray) -> jnp.ndarray:
+        chex.assert_rank([tokens, ids_restore], [3, 2])
+        batch, num_patches = ids_restore.shape
+        chex.assert_equal(num_patches, self.grid[0] * self.grid[1])
+        x = nn.Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+                     name="embed")(tokens.astype(self.dtype))
+        cls, visible = x[:, :1], x[:, 1:]
+        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+        fill = jnp.broadcast_to(mask_token.astype(x.dtype),
+                                (batch, num_patches - visible.shape[1], self.dim))
+        x = jnp.concatenate([visible, fill], axis=1)
+        x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)  # back in patch order
+        x = x + jnp.asarray(sincos_2d_pos_embed(self.dim, self.grid))[None].astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)  # the cls token's position embedding is 0
+        for i in range(self.depth):
+            x = EncoderBlock(self.dim, self.num_heads, self.mlp_ratio, drop_path=0.0,
+                             layer_scale_init=None, dtype=self.dtype, name=f"block{i}")(x, False)
+        x = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm")(x)
+        x = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+                     name="pred")(x[:, 1:])
+        x = x.astype(jnp.float32)
+        chex.assert_shape(x, (batch, num_patches, self.patch_dim))
         return x
 
 

@@ -201,7 +201,9 @@ class ViT(nn.Module):
     `__call__(x [batch, height, width, channels], train)` -> `[batch, dim]` (float32): the cls
     token after the final LayerNorm, or the mean of the patch tokens when `use_cls_token` is
     False. With `return_tokens=True`: `[batch, num_prefix_tokens + num_patches, dim]`, all
-    tokens after the final LayerNorm. With `return_attention=True`: the last block's attention
+    tokens after the final LayerNorm. With `ids_keep [batch, n_keep]` (MAE's token dropping),
+    only those patches (after their position embeddings are added) enter the blocks, and
+    `num_patches` above is `n_keep`. With `return_attention=True`: the last block's attention
     probabilities `[batch, num_heads, tokens, tokens]` (softmax(q k^T / sqrt(d)), float32), for
     attention maps; the row of token 0 is the cls token's attention. Height and width must be
     multiples of `patch_size`.
@@ -366,20 +368,26 @@ class ViT(nn.Module):
         *,
         return_tokens: bool = False,
         return_attention: bool = False,
+        ids_keep: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         tokens, grid = self.embed(x)
         prefix_pos, patch_pos = self.position_embeddings(grid)
         tokens = tokens + patch_pos.astype(tokens.dtype)
-        tokens = self.prepend_cls(tokens, prefix_pos)
         batch = x.shape[0]
+        num_patches = grid[0] * grid[1]
+        if ids_keep is not None:  # MAE: only the visible patches enter the encoder
+            chex.assert_shape(ids_keep, (batch, None))
+            tokens = jnp.take_along_axis(tokens, ids_keep[:, :, None], axis=1)
+            num_patches = ids_keep.shape[1]
+        tokens = self.prepend_cls(tokens, prefix_pos)
         if return_attention:
             weights = self.last_attention(tokens, train)
-            t = self.num_prefix_tokens + grid[0] * grid[1]
+            t = self.num_prefix_tokens + num_patches
             chex.assert_shape(weights, (batch, self.num_heads, t, t))
             return weights
         tokens = self.encode(tokens, train).astype(jnp.float32)
         if return_tokens:
-            chex.assert_shape(tokens, (batch, self.num_prefix_tokens + grid[0] * grid[1], self.dim))
+            chex.assert_shape(tokens, (batch, self.num_prefix_tokens + num_patches, self.dim))
             return tokens
         features = self.pool(tokens)
         chex.assert_shape(features, (batch, self.dim))
