@@ -19,8 +19,13 @@
                     ``regex`` get no update at all (no gradient step, no weight decay, no moment
                     update) during the first ``epochs`` epochs, e.g. DINO's last layer
 
+Fine-tuning adds ``layer_decay`` (layer-wise learning-rate decay, BEiT / MAE): the update of a
+parameter in layer ``l`` of ``L`` is scaled by ``layer_decay ** (L - l)``
+(:func:`scale_by_layer_decay`, layer ids from :func:`vit_layer_id` / :func:`resnet_layer_id`).
+
 Weight decay and LARS's trust-ratio adaptation skip biases and normalisation parameters (every
-parameter with fewer than 2 dimensions), as SimCLR, BYOL and MAE do. Keys added after a run
+parameter with fewer than 2 dimensions), and ViT tokens and position embeddings, as SimCLR, BYOL
+and MAE do. Keys added after a run
 started are read with their defaults, so older runs' configs still restore.
 """
 
@@ -63,9 +68,16 @@ def learning_rate_schedule(
     )
 
 
+# Learned tokens and position embeddings get no weight decay (timm's / MAE's no_weight_decay).
+_NO_DECAY_NAMES = re.compile(r"(?:^|/)(?:cls_token|mask_token|pos_embedding)(?:/|$)")
+
+
 def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay (kernels), False for biases and norm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    """True for parameters that get weight decay (kernels), False for biases, norm scales, the
+    cls and mask tokens and learned position embeddings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and not _NO_DECAY_NAMES.search(parallel._path_str(path)),
+        params)
 
 
 def weight_decay_schedule(
@@ -215,3 +227,71 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
     )
     cfg.update(overrides)
     return cfg
+
+
+# --- Layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE fine-tuning, He et al. 2022) ---
+
+_VIT_BLOCK = re.compile(r"(?:^|/)blocks_(\d+)(?:/|$)")
+_VIT_EMBEDDING = re.compile(r"(?:^|/)(?:patch_embed|cls_token|pos_embedding|mask_token)(?:/|$)")
+_RESNET_STAGE = re.compile(r"(?:^|/)stage(\d+)_block\d+(?:/|$)")
+_RESNET_STEM = re.compile(r"(?:^|/)stem_\w+(?:/|$)")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer of a ViT parameter from its ``/``-joined path: the embeddings (``patch_embed``,
+    ``cls_token``, ``pos_embedding``, ``mask_token``) are layer 0, block ``blocks_i`` is layer
+    ``i + 1``, everything after the blocks (final norm, pooling norm, classifier) ``depth + 1``
+    (BEiT's ``get_layer_id_for_vit``, MAE's ``param_groups_lrd``)."""
+    block = _VIT_BLOCK.search(name)
+    if block:
+        return int(block.group(1)) + 1
+    if _VIT_EMBEDDING.search(name):
+        return 0
+    return depth + 1
+
+
+def resnet_layer_id(name: str, num_stages: int) -> int:
+    """Layer of a ResNet parameter from its path: the stem 0, stage ``s`` (``stage{s}_block*``,
+    1-based) ``s``, everything after the stages (classifier) ``num_stages + 1``."""
+    stage = _RESNET_STAGE.search(name)
+    if stage:
+        return int(stage.group(1))
+    if _RESNET_STEM.search(name):
+        return 0
+    return num_stages + 1
+
+
+def layer_decay_scales(
+    tree: Any, decay: float, layer_id: Callable[[str], int], num_layers: int
+) -> Any:
+    """Per leaf of ``tree``: ``decay ** (num_layers - layer_id(path))``, a Python float.
+
+    With ``num_layers = depth + 1`` for a ViT the classifier gets 1 and the patch embedding
+    ``decay ** (depth + 1)``."""
+    require(0.0 < decay <= 1.0, "optim.layer_decay", f"must lie in (0, 1], got {decay!r}")
+
+    def scale(path, _):
+        name = parallel._path_str(path)
+        layer = layer_id(name)
+        if not 0 <= layer <= num_layers:
+            raise ValueError(f"layer id {layer} of parameter {name!r} is outside [0, {num_layers}]")
+        return float(decay ** (num_layers - layer))
+
+    return jax.tree_util.tree_map_with_path(scale, tree)
+
+
+def scale_by_layer_decay(
+    decay: float, layer_id: Callable[[str], int], num_layers: int
+) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by :func:`layer_decay_scales`; chained after an
+    optimizer whose update is proportional to the learning rate (AdamW, SGD, LARS: weight decay
+    included), it is the per-layer learning rate ``lr * decay ** (num_layers - layer)``."""
+    require(0.0 < decay <= 1.0, "optim.layer_decay", f"must lie in (0, 1], got {decay!r}")
+
+    def scale(updates, params=None):
+        del params
+        scales = layer_decay_scales(updates, decay, layer_id, num_layers)
+        return jax.tree_util.tree_map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+
+    return optax.stateless(scale)
+

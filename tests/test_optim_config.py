@@ -39,6 +39,10 @@ def test_lars_skips_biases_and_norm_params():
     assert float(jnp.abs(updates["bias"]).sum()) == 0
     assert float(jnp.abs(updates["bn"]["scale"]).sum()) == 0
     assert optim.decay_mask(params) == {"kernel": True, "bias": False, "bn": {"scale": False}}
+    tokens = {"cls_token": np.zeros((1, 1, 4)), "pos_embedding": np.zeros((1, 5, 4)),
+              "blocks_0": {"attn": {"kernel": np.zeros((4, 4))}}}
+    assert optim.decay_mask(tokens) == {"cls_token": False, "pos_embedding": False,
+                                        "blocks_0": {"attn": {"kernel": True}}}
 
 
 def test_bad_optimizer_keys():

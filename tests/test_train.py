@@ -19,7 +19,9 @@ from ssl_jax.config import ConfigError
 from ssl_jax.data.sources import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+# Pre-training configs; configs/finetune.py (the fine-tuning job's) runs in test_finetune.py.
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                      if os.path.basename(p) != "finetune.py")
 
 
 def _load_config_module(path):

@@ -1,0 +1,441 @@
+r"""The fine-tuning job: a run's encoder, a linear classifier, trained end to end on the labels.
+
+    python -m ssl_jax.finetune --workdir RUN [--config configs/finetune.py:ARG] [--config.K=V ...]
+
+It reads ``RUN/config.json``, restores the encoder of the chosen checkpoint (``config.step``,
+-1: the latest) the way the evaluation job does (any method: SimCLR, DINO, MAE, ...), or with
+``from_scratch=True`` initialises the same architecture at random (the baseline at the same
+budget). It adds a classifier (``pool='gap'``: mean of the patch tokens + LayerNorm, MAE's; or
+``'cls'``: the cls token; ResNets are average-pooled) and trains everything with AdamW (or any
+``optim.name``), linear warm-up and cosine decay, layer-wise learning-rate decay
+(``optim.layer_decay``), stochastic depth (``drop_path_rate``, ViTs), label smoothing, mixup and
+cutmix, on random resized crops with flips. ``label_fraction`` < 1 keeps that class-balanced share
+of the training labels, seeded (SimCLR's semi-supervised protocol). It then reports top-1 on the
+test split (centre view, as the evaluation job) and prints every result of the run as a table.
+
+Results go to ``RUN/finetune.json``, one entry per ``"pretrained@step{N},label_fraction={f}"``
+or ``"from_scratch,label_fraction={f}"`` (``,seed={s}`` when the seed is not 0); a new entry
+is added atomically and the others are kept, so the baseline and every label fraction sit side
+by side (re-running the same one replaces its entry). The job writes nothing else in RUN: the
+pre-training run's checkpoints are opened read-only, and the fine-tuning itself keeps no
+checkpoint (a killed fine-tuning starts again from the beginning). Mistakes (a ``--config.model``
+override or an ``image_size`` that does not fit the checkpoint's encoder, a label fraction that
+leaves a class empty) stop it before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import flags, logging
+from etils import epath
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
+from ssl_jax import methods, optim, parallel
+from ssl_jax.config import ConfigError, require
+from ssl_jax.data import augment, pipeline
+from ssl_jax.evaluate import classifier as classifier_lib
+from ssl_jax.evaluate import finetune_data, mixup
+from ssl_jax.evaluate.features import eval_view, restore_encoder
+
+RESULTS_FILE = "finetune.json"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "finetune.py")
+RECIPES = ("digits", "cifar10", "imagenet2012")
+# Keys the job takes from the run's config.json (overridable; a changed model is refused).
+RUN_KEYS = ("model", "data", "mesh", "sharding_rules")
+
+_OVERRIDES: list[str] = []
+
+
+class DivergedError(RuntimeError):
+    """The fine-tuning loss became NaN or infinite."""
+
+
+# --- Config ---------------------------------------------------------------------------------
+
+
+def load_config(
+    workdir: epath.PathLike, config_arg: str | None = None, overrides: list[str] = ()
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """``(fine-tuning config, run config)``: the fine-tuning config file (default: the recipe of
+    the run's dataset) plus the run's :data:`RUN_KEYS`, then the overrides."""
+    run = ckpt_lib.load_run_config(workdir)
+    if config_arg:
+        path, _, arg = config_arg.partition(":")
+    else:
+        if run.data.name not in RECIPES:
+            raise ConfigError(
+                f"the run's data.name={run.data.name!r} has no fine-tuning recipe of its own: "
+                f"pass --config configs/finetune.py:data={'|'.join(RECIPES)}")
+        path, arg = DEFAULT_CONFIG, f"data={run.data.name}"
+    config = _load_config_file(path, arg)
+    with config.unlocked():
+        for key in RUN_KEYS:
+            value = run.get(key)
+            if isinstance(value, ml_collections.ConfigDict):
+                value = ml_collections.ConfigDict(value.to_dict())
+            if value is not None:
+                config[key] = value
+    config_lib.apply_overrides(config, overrides)
+    if config.get("recipe") not in (None, run.data.name):
+        logging.warning("the fine-tuning recipe is for %s but the run's data is %s",
+                        config.recipe, run.data.name)
+    return config, run
+
+
+def _load_config_file(path: str, arg: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; e.g. --config "
+                          "configs/finetune.py:data=digits")
+    spec = importlib.util.spec_from_file_location("ssl_jax_finetune_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: Any) -> None:
+    """The job's own keys, before any data is read."""
+    for key in ("batch_size", "eval_batch_size"):
+        require(config[key] > 0 and config[key] % mesh.size == 0, key,
+                f"must be a positive multiple of the device count {mesh.size}")
+    require(config.num_epochs > 0 or config.total_steps > 0, "num_epochs",
+            "set num_epochs or total_steps to a positive number")
+    require(config.log_every > 0, "log_every", "must be > 0")
+    require(0.0 < config.label_fraction <= 1.0, "label_fraction",
+            f"must lie in (0, 1], got {config.label_fraction!r}")
+    require(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must lie in [0, 1)")
+    require(0.0 <= config.drop_path_rate < 1.0, "drop_path_rate", "must lie in [0, 1)")
+    require(config.image_size >= 0, "image_size", "must be >= 0 (0: the pre-training size)")
+    require(config.pool in classifier_lib.POOLS, "pool",
+            f"must be one of {classifier_lib.POOLS}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        require(config.mixup[key] >= 0, f"mixup.{key}", "must be >= 0 (0 disables it)")
+    for key in ("prob", "switch_prob"):
+        require(0.0 <= config.mixup[key] <= 1.0, f"mixup.{key}", "must lie in [0, 1]")
+    decay = config.optim.get("layer_decay", 1.0)
+    require(0.0 < decay <= 1.0, "optim.layer_decay", "must lie in (0, 1] (1: no decay)")
+
+
+def check_model_unchanged(
+    config: ml_collections.ConfigDict, run: ml_collections.ConfigDict, source: str, run_json: str
+) -> None:
+    """Refuses a ``config.model`` that differs from the run's (the encoder in ``source``)."""
+    saved, now = run.model.to_dict(), config.model.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key, "<unset>") != now.get(key, "<unset>"):
+            hint = (" (stochastic depth for fine-tuning is --config.drop_path_rate)"
+                    if key == "drop_path_rate" else "")
+            raise ConfigError(
+                f"config.model.{key}={now.get(key, '<unset>')!r} does not match the encoder of "
+                f"{source}, which has model.{key}={saved.get(key, '<unset>')!r} (from {run_json}):"
+                f" fine-tuning starts from the encoder as it was pre-trained, so drop that "
+                f"override{hint}")
+
+
+def _checkpoint_path(workdir: epath.Path, step: int) -> tuple[int, str]:
+    """``(step, path)`` of the checkpoint to restore (the latest for -1), before restoring."""
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
+    steps = checkpoints.all_steps()
+    checkpoints.close()
+    if not steps:
+        raise ckpt_lib.WorkdirError(
+            f"no checkpoint in {workdir / 'checkpoints'}: train first, or fine-tune a random "
+            "init with --config.from_scratch=True")
+    if step >= 0 and step not in steps:
+        raise ckpt_lib.WorkdirError(
+            f"no checkpoint of step {step} in {workdir / 'checkpoints'}; available steps: "
+            f"{steps} (or --config.step=-1 for the latest)")
+    step = step if step >= 0 else steps[-1]
+    return step, str(workdir / "checkpoints" / str(step))
+
+
+def _check_restored(abstract: Any, restored: dict[str, Any], source: str) -> None:
+    """The restored encoder variables must have the fine-tuning encoder's structure and shapes."""
+    for collection, tree in restored.items():
+        expected = abstract.get(collection, {}).get("encoder")
+        want = {parallel._path_str(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_leaves_with_path(expected or {})}
+        got = {parallel._path_str(p): tuple(x.shape)
+               for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        for name in sorted(set(want) | set(got)):
+            if want.get(name) != got.get(name):
+                raise ckpt_lib.WorkdirError(
+                    f"encoder variable {collection}/{name} has shape {got.get(name, 'missing')} in"
+                    f" {source} but {want.get(name, 'missing')} in the fine-tuning model built "
+                    "from the run's config.json: the checkpoint does not belong to that config")
+
+
+def result_name(config: ml_collections.ConfigDict, step: int | None) -> str:
+    init = "from_scratch" if config.from_scratch else f"pretrained@step{step}"
+    name = f"{init},label_fraction={float(config.label_fraction)}"
+    return name + (f",seed={config.seed}" if config.seed else "")
+
+
+# --- The job --------------------------------------------------------------------------------
+
+
+def finetune(
+    workdir: str, config_arg: str | None = None, overrides: list[str] = ()
+) -> dict[str, Any]:
+    """Fine-tunes (or trains from scratch) per the config; returns this run's result entry."""
+    start = time.perf_counter()
+    workdir = ckpt_lib.workdir_path(workdir)
+    config, run = load_config(workdir, config_arg, list(overrides))
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    check_config(config, mesh)
+    run_json = str(workdir / "config.json")
+    step, source = None, run_json
+    if not config.from_scratch:
+        step, source = _checkpoint_path(workdir, config.step)
+    check_model_unchanged(config, run, source, run_json)
+
+    # --- Model ------------------------------------------------------------------------------
+    encoder = methods.create(run, mesh).encoder
+    trained_size = classifier_lib.encoder_image_size(encoder)
+    if trained_size and config.image_size not in (0, trained_size):
+        raise ConfigError(
+            f"config.image_size={config.image_size} does not match the encoder of {source}: its "
+            f"position embeddings are for {trained_size}x{trained_size} inputs (aug.view1.size "
+            f"in {run_json}); use image_size=0 or {trained_size}")
+    crop = config.image_size or trained_size or run.aug.view1.size
+    try:
+        classifier_lib.check_pool(encoder, config.pool)
+    except ValueError as e:
+        raise ConfigError(f"config.pool: {e}") from None
+    try:  # Random resized crop + flip; no colour augmentation.
+        view = augment.view_config(
+            size=crop, crop_scale=tuple(config.aug.crop_scale),
+            crop_ratio=tuple(config.aug.crop_ratio), flip=config.aug.flip, color_jitter=0.0,
+            grayscale_p=0.0, blur_p=0.0)
+    except ValueError as e:
+        raise ConfigError(f"config.aug: {e}") from None
+    encoder, drop_path = classifier_lib.with_drop_path(encoder, config.drop_path_rate)
+    if config.drop_path_rate and not drop_path:
+        logging.info("drop_path_rate=%g is not used: a %s has no stochastic depth",
+                     config.drop_path_rate, type(encoder).__name__)
+
+    # --- Data -------------------------------------------------------------------------------
+    num_classes = pipeline.num_classes(config.data)
+    indices = finetune_data.labelled_indices(config.data, config.label_fraction, config.seed)
+    num_train = (len(indices) if indices is not None
+                 else pipeline.num_examples(config.data, config.data.train_split))
+    require(config.batch_size <= num_train, "batch_size",
+            f"{config.batch_size} exceeds the {num_train} labelled training examples "
+            f"(label_fraction={config.label_fraction}); use a smaller batch")
+    steps_per_epoch = max(num_train // config.batch_size, 1)
+    total_steps = config.total_steps or max(int(round(config.num_epochs * steps_per_epoch)), 1)
+
+    # --- Optimizer, state -------------------------------------------------------------------
+    model = classifier_lib.Classifier(encoder, num_classes, config.pool)
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
+                                            steps_per_epoch)
+    tx = optim.make_optimizer(config.optim, schedule, steps_per_epoch, total_steps)
+    decay = config.optim.get("layer_decay", 1.0)
+    if decay < 1.0:
+        layer_id, num_layers = classifier_lib.layer_ids(encoder)
+        tx = optax.chain(tx, optim.scale_by_layer_decay(decay, layer_id, num_layers))
+    example = jnp.zeros((mesh.size, crop, crop, 3), jnp.float32)
+
+    def init_state(rng, encoder_vars):
+        variables = model.init({"params": rng, "dropout": rng}, example, train=False)
+        params, stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
+        if encoder_vars is not None:
+            params["encoder"] = encoder_vars["params"]
+            if "batch_stats" in encoder_vars:
+                stats["encoder"] = encoder_vars["batch_stats"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": stats,
+                "opt_state": tx.init(params)}
+
+    encoder_vars = None
+    if not config.from_scratch:
+        abstract = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, example,
+                                                       train=False), jax.random.key(0))
+        try:
+            _, encoder_vars, _ = restore_encoder(workdir, run, mesh, step)
+        except ckpt_lib.WorkdirError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is the user's input.
+            raise ckpt_lib.WorkdirError(
+                f"checkpoint {source} does not restore into the encoder of {run_json}: "
+                f"{type(e).__name__}: {str(e)[:300]}") from None
+        _check_restored(abstract, dict(encoder_vars), source)
+        logging.info("fine-tuning the %s encoder of %s", run.method, source)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    shardings = parallel.tree_shardings(jax.eval_shape(init_state, init_rng, encoder_vars), mesh,
+                                        config.sharding_rules)
+    state = jax.jit(init_state, out_shardings=shardings)(init_rng, encoder_vars)
+    del encoder_vars
+    logging.info("%d parameters, %d labelled examples of %d classes, %d steps (%d per epoch)",
+                 sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), num_train,
+                 num_classes, total_steps, steps_per_epoch)
+
+    # --- Train --------------------------------------------------------------------------------
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule, step_rng, view, config, num_classes),
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    data_iter = iter(finetune_data.labelled_train_loader(
+        config.data, indices, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()))
+    curve, train_start = [], time.perf_counter()
+    for i in range(1, total_steps + 1):
+        batch = next(data_iter)
+        state, metrics = step_fn(state, parallel.global_batch(
+            {"image": batch["image"], "label": batch["label"]}, mesh))
+        if i % config.log_every == 0 or i == total_steps:
+            metrics = jax.device_get(metrics)
+            loss = float(metrics["loss"])
+            curve.append([i, loss])
+            logging.info("step %d/%d: loss %.4f, lr %.3g", i, total_steps, loss,
+                         float(metrics["lr"]))
+            if not np.isfinite(loss):
+                raise DivergedError(f"the fine-tuning loss is {loss} at step {i}; nothing was "
+                                    "written. Lower --config.optim.base_lr.")
+    train_s = time.perf_counter() - train_start  # compilation included
+
+    # --- Evaluate, write ----------------------------------------------------------------------
+    top1, num_test = evaluate_top1(model, state, config, crop, mesh)
+    entry = {
+        "init": "from_scratch" if config.from_scratch else "pretrained",
+        "checkpoint_step": step, "method": run.method, "model": config.model.name,
+        "data": config.data.name, "label_fraction": float(config.label_fraction),
+        "seed": config.seed, "test_top1": top1, "num_labelled": int(num_train),
+        "num_test": num_test, "num_classes": num_classes, "steps": total_steps,
+        "epochs": total_steps / steps_per_epoch, "batch_size": config.batch_size,
+        "image_size": crop, "train_loss_curve": curve, "train_seconds": train_s,
+        "seconds": time.perf_counter() - start,
+        "config": json.loads(config_lib.to_json(config)),
+    }
+    name = result_name(config, step)
+    if parallel.is_main_process():
+        results = write_result(workdir / RESULTS_FILE, name, entry)
+        print(format_table(results, name))
+    return entry
+
+
+def make_train_step(model, tx, schedule, base_rng, view, config, num_classes: int):
+    """``(state, batch) -> (state, metrics)``: augment, mix, one optimizer step on the global
+    batch (BatchNorm statistics of the global batch, updated when the model has them)."""
+    mix = config.mixup.to_dict()
+    smoothing = config.label_smoothing
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        k_aug, k_mix, k_drop = jax.random.split(rng, 3)
+        x = augment.normalize(augment.augment_view(k_aug, batch["image"], view))
+        x, targets = mixup.mix_batch(k_mix, x, batch["label"], num_classes, smoothing=smoothing,
+                                     **mix)
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if state["batch_stats"]:
+                variables["batch_stats"] = state["batch_stats"]
+                logits, updated = model.apply(variables, x, train=True, rngs={"dropout": k_drop},
+                                              mutable=["batch_stats"])
+                stats = updated["batch_stats"]
+            else:
+                logits = model.apply(variables, x, train=True, rngs={"dropout": k_drop})
+                stats = state["batch_stats"]
+            loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+            return loss, stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "batch_stats": stats, "opt_state": opt_state}
+        return new, {"loss": loss, "lr": schedule(state["step"]),
+                     "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def evaluate_top1(model, state, config, crop: int, mesh) -> tuple[float, int]:
+    """Top-1 of the fine-tuned model on the test split (centre view) and the number of images."""
+
+    @jax.jit
+    def correct(params, stats, images, labels, mask):
+        variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+        logits = model.apply(variables, eval_view(images, crop), train=False)
+        return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask), jnp.sum(mask)
+
+    hits, total = 0, 0
+    for batch in pipeline.eval_batches(
+        config.data, config.data.test_split, batch_size=config.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    ):
+        arrays = parallel.global_batch(batch, mesh)
+        c, n = correct(state["params"], state["batch_stats"], arrays["image"], arrays["label"],
+                       arrays["mask"])
+        hits, total = hits + int(c), total + int(n)
+    return hits / max(total, 1), total
+
+
+# --- Results --------------------------------------------------------------------------------
+
+
+def write_result(path: epath.Path, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``entry`` under ``name`` to the JSON file at ``path`` (temp file + rename); other
+    entries are kept. An unreadable file is kept aside as ``*.unreadable-<time>.json``."""
+    results: dict[str, Any] = {}
+    if path.exists():
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            results = None
+        if not isinstance(results, dict):
+            results = {}
+            backup = path.with_suffix(f".unreadable-{int(time.time())}.json")
+            path.rename(backup)
+            logging.warning("%s was not a JSON object; kept it as %s", path, backup)
+    results[name] = entry
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+    return results
+
+
+def format_table(results: dict[str, Any], latest: str) -> str:
+    """Every fine-tuning result of the run, ``latest`` (this job's) marked with ``*``."""
+    rows = [("fine-tuning", "labelled", "steps", "test top-1")]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "test_top1" not in r:
+            continue
+        rows.append((name + (" *" if name == latest else ""), str(r["num_labelled"]),
+                     str(r["steps"]), f"{100 * r['test_top1']:.2f}%"))
+    width = max(len(r[0]) for r in rows)
+    first = results[latest]
+    lines = [f"{first['method']} {first['model']} on {first['data']} "
+             f"(test {first['num_test']}; * this run)"]
+    lines += [f"  {a:<{width}}  {b:>8}  {c:>6}  {d:>10}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise flags.Error(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.workdir is None:
+        raise flags.Error("--workdir is required")
+    parallel.initialize_distributed()
+    finetune(flags.FLAGS.workdir, flags.FLAGS.config, _OVERRIDES)
+
+
+if __name__ == "__main__":
+    from ssl_jax import cli
+
+    flags.DEFINE_string("workdir", None, "Directory of the pre-training run to fine-tune.")
+    flags.DEFINE_string("config", None, "Fine-tuning config and presets, e.g. "
+                        "configs/finetune.py:data=digits (default: the run's dataset's recipe).")
+    sys.argv, _OVERRIDES[:] = config_lib.split_config_overrides(sys.argv)
+    cli.run(main)
