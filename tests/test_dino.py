@@ -44,10 +44,15 @@ def dino_loss_numpy(student_out, teacher_out, center, tps, tpt):
     return total / terms
 
 
+# The digits preset's default backbone is a ResNet; the method's tests run a tiny ViT with local
+# crops, which exercises every path (multi-crop, position-embedding interpolation, attention).
+VIT_RUNLOCAL = "data=digits,model=vit_ti4,local_crops=2,runlocal"
+
+
 def _light_config(**run):
     """The runlocal config with crop-and-flip views only: the method's maths at a fraction of the
     compile time of DINO's full augmentations (those are covered by test_multicrop_*)."""
-    config = dino_config.get_config("data=digits,runlocal")
+    config = dino_config.get_config(VIT_RUNLOCAL)
     with config.unlocked():
         for view in (config.aug.view1, config.aug.view2, config.aug.local):
             view.update(color_jitter=0.0, brightness=None, contrast=None, saturation=None,
@@ -121,7 +126,7 @@ def test_schedules_match_formulas():
 
 
 def test_ema_update():
-    config = dino_config.get_config("data=digits,runlocal")
+    config = dino_config.get_config(VIT_RUNLOCAL)
     method = dino.create(config, None, total_steps=10, steps_per_epoch=5)
     rng = np.random.default_rng(0)
     params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.ones(2)}
@@ -142,20 +147,20 @@ def _batch(n=16, size=16, seed=2):
 
 def test_multicrop_shapes_and_views():
     """DINO's full views on 8 devices: shapes, independent crops, crops stay with their image."""
-    config = dino_config.get_config("data=digits")
+    config = dino_config.get_config("data=cifar10")
     aug = config.aug
     mesh = parallel.make_mesh()
     images = jax.device_put(_batch()["image"], parallel.batch_sharding(mesh))
     crop = jax.jit(lambda x: multicrop.multi_crop(
         jax.random.key(0), x, (aug.view1, aug.view2), 2, aug.local, 4))
     g, loc = crop(images)
-    assert g.shape == (16, 2, 16, 16, 3) and loc.shape == (16, 4, 8, 8, 3)
+    assert g.shape == (16, 2, 32, 32, 3) and loc.shape == (16, 4, 16, 16, 3)
     assert not np.allclose(loc[:, 0], loc[:, 1])  # independent draws per crop
     assert not np.allclose(g[:, 0], g[:, 1])
     # Each device holds the crops of its own 2 images.
     assert {s.data.shape[0] for s in loc.addressable_shards} == {2}
     flat = multicrop.flatten_views(loc)
-    assert flat.shape == (64, 8, 8, 3)
+    assert flat.shape == (64, 16, 16, 3)
     np.testing.assert_array_equal(flat[4:8], loc[1])  # image 1's crops in rows 4..7
     with pytest.raises(ValueError, match="at least one global crop"):
         multicrop.multi_crop(jax.random.key(0), images, (aug.view1,), 0)
@@ -285,13 +290,13 @@ def _bad(config_arg, key, value):
     ("dino.out_dim", 1, "dino.out_dim"),
 ])
 def test_bad_config_named_before_compile(key, value, match):
-    config = _bad("data=digits,runlocal", key, value)
+    config = _bad(VIT_RUNLOCAL, key, value)
     with pytest.raises(ConfigError, match=match):
         methods.create(config, parallel.make_mesh(), total_steps=6, steps_per_epoch=89)
 
 
 def test_teacher_temperature_warmup_longer_than_run(tmp_path):
-    config = _bad("data=digits,runlocal", "dino.warmup_teacher_temp_epochs", 1.0)  # 6 of 89 steps
+    config = _bad(VIT_RUNLOCAL, "dino.warmup_teacher_temp_epochs", 1.0)  # 6 of 89 steps
     with pytest.raises(ConfigError, match="dino.warmup_teacher_temp_epochs.*longer than the run"):
         train.train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
