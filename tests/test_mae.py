@@ -190,3 +190,7 @@ def test_train_then_evaluate_writes_reconstruction_picture(tmp_path):
     picture = Image.open(results["reconstruction_picture"])
     # 4 test images (rows) x (original, masked, reconstruction) columns of 96-px tiles.
     assert picture.size == (3 * 96 + 2 * 2, 4 * 96 + 3 * 2)
+    # Columns in the method's order: original, masked (masked patches exactly grey), ...
+    pixels = np.asarray(picture.convert("RGB"))
+    grey = [np.mean(np.all(pixels[:96, c * 98:c * 98 + 96] == 128, axis=-1)) for c in range(3)]
+    assert grey[1] >= 0.5 and grey[0] < 0.5

@@ -167,15 +167,17 @@ def write_method_pictures(
         process_index=jax.process_index(), process_count=jax.process_count())))
     arrays = parallel.global_batch(batch, mesh)
     keep = min(num_images, config.eval.batch_size)
+    names: list[str] = []  # the method's column order (a dict leaving jit has sorted keys)
 
     @jax.jit
     def first_panels(params, extra, images, mask):
         x = eval_view(images, config.aug.view1.size)
         rng = jax.random.key(config.seed)
         panels = method.picture_panels(params, extra, x, rng)
-        return {k: v[:keep] for k, v in panels.items()}, mask[:keep]
+        names[:] = list(panels)
+        return [v[:keep] for v in panels.values()], mask[:keep]
 
-    panels, mask = multihost_utils.process_allgather(
+    columns, mask = multihost_utils.process_allgather(
         first_panels(state["params"], state["extra"], arrays["image"], arrays["mask"]),
         tiled=True)
     mask = np.asarray(mask).astype(bool)
@@ -183,5 +185,6 @@ def write_method_pictures(
         return None
     path = epath.Path(workdir) / f"reconstruction_step{step}.png"
     if parallel.is_main_process():
-        panels_figure({k: np.asarray(v)[mask] for k, v in panels.items()}).save(str(path))
+        panels = {name: np.asarray(c)[mask] for name, c in zip(names, columns, strict=True)}
+        panels_figure(panels).save(str(path))
     return str(path)
