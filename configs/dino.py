@@ -84,11 +84,6 @@ def get_config(arg=None):
     if arg.data == "imagenet2012":
         _set_model(config, arg.model or model, drop_path_rate=0.1)
         config.optim.end_lr_factor = 1e-6 / (0.0005 * batch / 256)
-        config.log_every = 100
-        config.checkpoint.every_steps = 2500
-        config.checkpoint.keep_every = 25000
-        config.eval.batch_size = 1024
-        config.data.num_workers = 16
     elif arg.data == "cifar10":
         _set_model(config, arg.model or model, drop_path_rate=0.1)
         config.dino.update(out_dim=4096, hidden_dim=1024)

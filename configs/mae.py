@@ -55,20 +55,15 @@ def get_config(arg=None):
     config.optim.update(name="adamw", base_lr=1.5e-4, lr_scaling="linear", warmup_epochs=warmup,
                         b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=0.0)
     config.eval.probe_normalize = "batchnorm"  # MAE's BatchNorm1d(affine=False) protocol
-    vit_kw = {} if arg.model else {"depth": {"digits": 4, "cifar10": 6}.get(arg.data, 12)}
+    depth = {"digits": 4, "cifar10": 6}.get(arg.data)  # CPU-sized defaults; ImageNet: ViT-B's
+    vit_kw = {"depth": depth} if depth and not arg.model else {}
     presets.set_model(config, arg.model or model, pos_embed="sincos", **vit_kw)
 
-    if arg.data == "imagenet2012":
-        config.log_every = 100
-        config.checkpoint.every_steps = 2500
-        config.checkpoint.keep_every = 25000
-        config.eval.batch_size = 1024
-        config.data.num_workers = 16
-    elif arg.data == "cifar10":
+    if arg.data != "imagenet2012":  # the CPU-sized decoder
         config.mae.update(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+    if arg.data == "cifar10":
         config.data.num_workers = 2
-    else:  # digits
-        config.mae.update(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+    elif arg.data == "digits":
         config.optim.base_lr = 1.5e-3
         config.log_every = 20
         config.checkpoint.every_steps = 500

@@ -35,13 +35,8 @@ def get_config(arg=None):
         presets.set_model(config, arg.model or "resnet50")
         config.batch_size = 4096
         config.num_epochs = 100.0
-        config.log_every = 100
-        config.checkpoint.every_steps = 2500
-        config.checkpoint.keep_every = 25000
         config.optim.update(base_lr=0.3, weight_decay=1e-6, warmup_epochs=10.0)
         config.simclr.update(temperature=0.1, proj_hidden_dim=2048, proj_out_dim=128)
-        config.eval.batch_size = 1024
-        config.data.num_workers = 16
     elif arg.data == "cifar10":
         presets.set_model(config, arg.model or "resnet18", cifar_stem=True, width_multiplier=1.0)
         config.batch_size = 512

@@ -59,6 +59,11 @@ def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     config.aug = dict(view1=augment.view_config(size=crop), view2=augment.view_config(size=crop))
     config.optim = optim.optim_config()
     config.eval = eval_config()
+    if data == "imagenet2012":  # the run cadence of a large dataset, whatever the method
+        config.log_every = 100
+        config.checkpoint.update(every_steps=2500, keep_every=25000)
+        config.eval.batch_size = 1024
+        config.data.num_workers = 16
     return config
 
 
