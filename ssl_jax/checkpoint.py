@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh
 
 from ssl_jax import config as config_lib
 
@@ -190,3 +191,33 @@ def export_encoder(
                 "image_size": config.data.image_size}
         (target / "encoder.json").write_text(json.dumps(meta, indent=2, default=str))
     return target
+
+
+def restore_state(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
+) -> tuple[Any, dict[str, Any], int]:
+    """``(method, train_state, step)``: the whole state (params, extra, optimizer) of the
+    checkpoint ``step`` (-1: the latest readable one)."""
+    checkpoints = RunCheckpoints(workdir, read_only=True)
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise WorkdirError(
+            f"no checkpoint in {checkpoints.directory}: train first with "
+            f"python -m ssl_jax.train --config ... --workdir {workdir}")
+    if step >= 0 and step not in steps:
+        raise WorkdirError(
+            f"no checkpoint of step {step} in {checkpoints.directory}; available steps: {steps} "
+            "(or --config.eval.step=-1 for the latest)")
+    from ssl_jax import methods  # the method layer sits left of this one; imported late so
+    from ssl_jax.step import build_state  # that a method may restore another run (BEiT)
+
+    method = methods.create(config, mesh)
+    setup = build_state(config, mesh, method, total_steps=1, steps_per_epoch=1)
+    if step >= 0:
+        state = checkpoints.restore(step, setup.abstract)
+    else:
+        step, state = checkpoints.restore_latest_good(setup.abstract)
+        if state is None:
+            raise WorkdirError(f"no readable checkpoint in {checkpoints.directory}")
+    checkpoints.close()
+    return method, state, step

@@ -68,13 +68,14 @@ def learning_rate_schedule(
     )
 
 
-# Learned tokens and position embeddings get no weight decay (timm's / MAE's no_weight_decay).
-_NO_DECAY_NAMES = re.compile(r"(?:^|/)(?:cls_token|mask_token|pos_embedding)(?:/|$)")
+# Learned tokens and position embeddings (absolute, or BEiT's relative bias table ``rel_pos``)
+# get no weight decay (timm's / MAE's / BEiT's no_weight_decay).
+_NO_DECAY_NAMES = re.compile(r"(?:^|/)(?:cls_token|mask_token|pos_embedding|rel_pos)(?:/|$)")
 
 
 def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay (kernels), False for biases, norm scales, the
-    cls and mask tokens and learned position embeddings."""
+    cls and mask tokens and learned position embeddings (absolute or relative)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, p: p.ndim > 1 and not _NO_DECAY_NAMES.search(parallel._path_str(path)),
         params)

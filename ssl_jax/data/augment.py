@@ -131,13 +131,8 @@ def resized_crop(image: Array, box: Array, size: int) -> Array:
     return jnp.clip(out, 0.0, 1.0)
 
 
-def random_resized_crop(
-    key: Array,
-    image: Array,
-    size: int,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-) -> Array:
+def random_resized_crop(key: Array, image: Array, size: int, scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Array:
     """Random crop of `image` `[height, width, 3]` resized to `[size, size, 3]` (see `crop_box`)."""
     _check_image(image)
     if not isinstance(size, int) or size <= 0:
@@ -445,7 +440,8 @@ def validate_view_config(cfg: Any) -> None:
             fail(name, "is set but color_jitter=0 disables colour jitter; set color_jitter > 0.")
 
 
-def _jitter_values(cfg: Any) -> tuple[float, float, float, float]:
+def jitter_values(cfg: Any) -> tuple[float, float, float, float]:
+    """A view config's (brightness, contrast, saturation, hue) jitter strengths."""
     return jitter_strengths(cfg.color_jitter, *(getattr(cfg, k, None) for k in _JITTER_KEYS))
 
 
@@ -455,7 +451,7 @@ def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
     if cfg.flip:
         x = random_flip(k_flip, x)
     if cfg.color_jitter > 0 and cfg.color_jitter_p > 0:
-        b, c, s, h = _jitter_values(cfg)
+        b, c, s, h = jitter_values(cfg)
         x = color_jitter(k_jitter, x, p=cfg.color_jitter_p, brightness=b, contrast=c,
                          saturation=s, hue=h)
     if cfg.grayscale_p > 0:

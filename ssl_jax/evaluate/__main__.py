@@ -10,7 +10,9 @@ top-1, and (b) weighted kNN (k=20, T=0.07, as in DINO). It does the same for a r
 initialised encoder of the same architecture, prints both side by side, and writes
 ``DIR/eval.json`` (kept per step: earlier results are never overwritten). When the encoder is a
 ViT it also writes ``DIR/attention_step{N}.png``: the last block's cls-token attention of every
-head for a few test images (``ssl_jax.evaluate.pictures``).
+head for a few test images (``ssl_jax.evaluate.pictures``). A visual tokenizer (the dVAE) also
+gets its hard-code reconstruction error and code usage on the test split and
+``DIR/token_usage_step{N}.png`` (``ssl_jax.evaluate.tokenizer``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import linear_probe
 from ssl_jax.evaluate.pictures import write_attention_pictures, write_method_pictures
+from ssl_jax.evaluate.tokenizer import evaluate_tokenizer
 from ssl_jax.models.vit import ViT
 
 _OVERRIDES: list[str] = []
@@ -90,6 +93,10 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     if picture:
         results["reconstruction_picture"] = picture
         logging.info("wrote reconstructions to %s", picture)
+    tokens = evaluate_tokenizer(method, state["params"], config, mesh, workdir, step)
+    if tokens:
+        results["tokenizer"] = tokens
+        logging.info("wrote token usage to %s", tokens["token_usage_picture"])
     if config.eval.random_init_baseline:
         rnd_method, rnd_vars = features_lib.random_encoder(config, mesh, config.seed + 1)
         results["random_init"] = evaluate_encoder(
@@ -128,6 +135,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['model']} on {results['data']} "
              f"(train {results['ssl']['num_train']}, test {results['ssl']['num_test']})"]
     lines += [f"  {a:<{width}}  {b:>12}  {c:>10}" for a, b, c in rows]
+    if "tokenizer" in results:
+        t = results["tokenizer"]
+        lines.append(f"  tokenizer: hard-code reconstruction MSE {t['hard_recon_mse']:.4f}, "
+                     f"{t['tokens_used']} of {t['vocab_size']} tokens used, perplexity "
+                     f"{t['code_perplexity']:.1f} (test {t['num_test']})")
     return "\n".join(lines)
 
 

@@ -12,10 +12,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import methods, parallel
+from ssl_jax.checkpoint import restore_state
 from ssl_jax.data import augment, pipeline
-from ssl_jax.step import build_state, example_batch
+from ssl_jax.step import example_batch
 
 # Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to
 # the training crop size when the two differ.
@@ -28,33 +28,6 @@ def restore_encoder(
     """``(method, encoder_variables, step)`` from the checkpoint ``step`` (-1: the latest)."""
     method, state, step = restore_state(workdir, config, mesh, step)
     return method, method.encoder_variables(state["params"], state["extra"]), step
-
-
-def restore_state(
-    workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
-) -> tuple[Any, dict[str, Any], int]:
-    """``(method, train_state, step)``: the whole state (params, extra, optimizer) of the
-    checkpoint ``step`` (-1: the latest readable one)."""
-    checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
-    steps = checkpoints.all_steps()
-    if not steps:
-        raise ckpt_lib.WorkdirError(
-            f"no checkpoint in {checkpoints.directory}: train first with "
-            f"python -m ssl_jax.train --config ... --workdir {workdir}")
-    if step >= 0 and step not in steps:
-        raise ckpt_lib.WorkdirError(
-            f"no checkpoint of step {step} in {checkpoints.directory}; available steps: {steps} "
-            "(or --config.eval.step=-1 for the latest)")
-    method = methods.create(config, mesh)
-    setup = build_state(config, mesh, method, total_steps=1, steps_per_epoch=1)
-    if step >= 0:
-        state = checkpoints.restore(step, setup.abstract)
-    else:
-        step, state = checkpoints.restore_latest_good(setup.abstract)
-        if state is None:
-            raise ckpt_lib.WorkdirError(f"no readable checkpoint in {checkpoints.directory}")
-    checkpoints.close()
-    return method, state, step
 
 
 def random_encoder(config: ml_collections.ConfigDict, mesh: Mesh, seed: int) -> tuple[Any, Any]:

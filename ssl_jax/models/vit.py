@@ -14,6 +14,11 @@ them in another order with `module.apply(..., method=...)`.
 Position embeddings describe the patch grid of `image_size`; an input with another grid gets
 them resampled bicubically (the cls position embedding is kept apart), so one ViT serves 224-px
 global crops and 96-px local crops alike.
+
+BEiT's options: `pos_embed='none'` with `rel_pos_bias=True` (one relative position bias table
+shared by all blocks, BEiT's pre-training setting), `use_mask_token=True` (masked patch
+embeddings replaced by a learned token: `__call__(..., bool_masked_pos=...)`) and
+`layer_scale_init`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "l": (1024, 24, 16),
     "h": (1280, 32, 16),
 }
-POS_EMBED_KINDS = ("learned", "sincos")
+POS_EMBED_KINDS = ("learned", "sincos", "none")
+POOL_KINDS = ("cls", "mean")
 LN_EPSILON = 1e-6
 
 dense_kernel_init = nn.initializers.xavier_uniform()
@@ -107,6 +113,44 @@ class LayerScale(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
         return x * gamma.astype(x.dtype)
+
+
+def relative_position_index(grid: tuple[int, int], num_prefix: int) -> np.ndarray:
+    """BEiT's index into the relative position bias table, ``[t, t]`` int32, ``t = num_prefix +
+    rows * cols`` (query row, key column).
+
+    Patches ``i, j`` at ``(r_i, c_i), (r_j, c_j)`` share the entry ``(r_i - r_j + rows - 1) *
+    (2 cols - 1) + (c_i - c_j + cols - 1)``; with a cls token three more entries follow:
+    cls -> patch, patch -> cls, cls -> cls (table size ``(2 rows - 1)(2 cols - 1) + 3``)."""
+    rows, cols = grid
+    coords = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    patch_index = (rel[0] + rows - 1) * (2 * cols - 1) + (rel[1] + cols - 1)
+    if not num_prefix:
+        return patch_index.astype(np.int32)
+    n = (2 * rows - 1) * (2 * cols - 1)
+    index = np.zeros((rows * cols + 1,) * 2, np.int64)
+    index[1:, 1:] = patch_index
+    index[0, 1:], index[1:, 0], index[0, 0] = n, n + 1, n + 2
+    return index.astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per head and relative offset (BEiT, Sec. 2.5): ``[1, heads, t, t]``.
+
+    The table starts at zero; ``grid`` is fixed (a BEiT ViT sees one input size)."""
+
+    grid: tuple[int, int]
+    num_heads: int
+    num_prefix: int
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        rows, cols = self.grid
+        size = (2 * rows - 1) * (2 * cols - 1) + (3 if self.num_prefix else 0)
+        table = self.param("table", nn.initializers.zeros, (size, self.num_heads))
+        index = relative_position_index(self.grid, self.num_prefix)
+        return jnp.transpose(table[index], (2, 0, 1))[None]
 
 
 class Attention(nn.Module):
@@ -213,9 +257,15 @@ class ViT(nn.Module):
       dim, depth, num_heads: token width, number of blocks, attention heads.
       mlp_ratio: MLP hidden width / dim.
       image_size: input side the position-embedding grid is built for.
-      pos_embed: 'learned' (trunc-normal 0.02 parameter) or 'sincos' (fixed MAE 2-D sin-cos,
-        not a parameter; the cls token gets no position embedding).
+      pos_embed: 'learned' (trunc-normal 0.02 parameter), 'sincos' (fixed MAE 2-D sin-cos,
+        not a parameter; the cls token gets no position embedding) or 'none' (BEiT, with
+        `rel_pos_bias`).
       use_cls_token: prepend a learned cls token.
+      pool_type: features of `__call__`: 'cls' (the cls token) or 'mean' (the mean of the patch
+        tokens, BEiT's and MAE's choice for fine-tuning; always, without a cls token).
+      rel_pos_bias: one relative position bias shared by all blocks (BEiT); inputs must have
+        the grid of `image_size` and all their patches (no `ids_keep`).
+      use_mask_token: a learned token that replaces the embeddings of masked patches.
       drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first;
         active only with train=True, using the 'dropout' rng.
       layer_scale_init: initial LayerScale gamma; None for no LayerScale.
@@ -230,6 +280,9 @@ class ViT(nn.Module):
     image_size: int = 224
     pos_embed: str = "learned"
     use_cls_token: bool = True
+    pool_type: str = "cls"
+    rel_pos_bias: bool = False
+    use_mask_token: bool = False
     drop_path_rate: float = 0.0
     layer_scale_init: float | None = None
     dtype: Any = jnp.float32
@@ -264,6 +317,9 @@ class ViT(nn.Module):
             )
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"ViT pos_embed='sincos' needs dim divisible by 4, got {self.dim}.")
+        if self.pool_type not in POOL_KINDS:
+            raise ValueError(f"ViT pool_type={self.pool_type!r} is unknown; use one of "
+                             f"{POOL_KINDS}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ViT drop_path_rate={self.drop_path_rate} must be in [0, 1).")
 
@@ -282,6 +338,11 @@ class ViT(nn.Module):
         if self.pos_embed == "learned":
             num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
             self.pos_embedding = self.param("pos_embedding", token_init, (1, num_tokens, self.dim))
+        if self.use_mask_token:
+            self.mask_token = self.param("mask_token", token_init, (1, 1, self.dim))
+        if self.rel_pos_bias:
+            self.rel_pos = RelativePositionBias(self.grid_size, self.num_heads,
+                                                self.num_prefix_tokens)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
         self.blocks = [
             EncoderBlock(
@@ -310,12 +371,17 @@ class ViT(nn.Module):
         grid = (height // p, width // p)
         return tokens.reshape(batch, grid[0] * grid[1], self.dim), grid
 
-    def position_embeddings(self, grid: tuple[int, int]) -> tuple[jnp.ndarray | None, jnp.ndarray]:
+    def position_embeddings(
+        self, grid: tuple[int, int]
+    ) -> tuple[jnp.ndarray | None, jnp.ndarray | None]:
         """Position embeddings for a patch grid.
 
         Returns `(prefix [1, num_prefix_tokens, dim] or None, patches [1, rows * cols, dim])`,
         float32; the patch part is resampled bicubically when `grid != self.grid_size`.
+        `(None, None)` for `pos_embed='none'`.
         """
+        if self.pos_embed == "none":
+            return None, None
         if self.pos_embed == "sincos":
             prefix = None
             patches = jnp.asarray(sincos_2d_pos_embed(self.dim, self.grid_size))[None]
@@ -340,26 +406,40 @@ class ViT(nn.Module):
         cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, self.dim))
         return jnp.concatenate([cls, tokens], axis=1)
 
-    def encode(self, tokens: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def attention_bias(self, grid: tuple[int, int], num_patches: int) -> jnp.ndarray | None:
+        """The shared relative position bias ``[1, heads, t, t]``, or None without one."""
+        if not self.rel_pos_bias:
+            return None
+        if tuple(grid) != self.grid_size or num_patches != grid[0] * grid[1]:
+            raise ValueError(
+                f"ViT rel_pos_bias is defined for the {self.grid_size} patch grid of "
+                f"image_size={self.image_size} with all patches; got a {grid} grid with "
+                f"{num_patches} patches (other input sizes and token dropping need a ViT without "
+                "rel_pos_bias).")
+        return self.rel_pos()
+
+    def encode(self, tokens: jnp.ndarray, train: bool, bias: jnp.ndarray | None = None
+               ) -> jnp.ndarray:
         """Transformer blocks then the final LayerNorm. `[batch, t, dim] -> [batch, t, dim]`."""
         for block in self.blocks:
-            tokens = block(tokens, train)
+            tokens = block(tokens, train, bias)
         return self.norm(tokens)
 
     def pool(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """`[batch, t, dim] -> [batch, dim]`: the cls token, or the mean of the patch tokens."""
-        if self.use_cls_token:
+        if self.pool_type == "cls" and self.use_cls_token:
             return tokens[:, 0]
-        return jnp.mean(tokens, axis=1)
+        return jnp.mean(tokens[:, self.num_prefix_tokens:], axis=1)
 
-    def last_attention(self, tokens: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def last_attention(self, tokens: jnp.ndarray, train: bool, bias: jnp.ndarray | None = None
+                       ) -> jnp.ndarray:
         """The last block's attention weights ``[batch, heads, t, t]`` for input tokens
         ``[batch, t, dim]`` (the blocks before it run as in :meth:`encode`)."""
         if not self.blocks:
             raise ValueError("ViT with depth=0 has no attention to return.")
         for block in self.blocks[:-1]:
-            tokens = block(tokens, train)
-        return self.blocks[-1](tokens, train, return_attention=True)
+            tokens = block(tokens, train, bias)
+        return self.blocks[-1](tokens, train, bias, return_attention=True)
 
     def __call__(
         self,
@@ -369,23 +449,32 @@ class ViT(nn.Module):
         return_tokens: bool = False,
         return_attention: bool = False,
         ids_keep: jnp.ndarray | None = None,
+        bool_masked_pos: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         tokens, grid = self.embed(x)
-        prefix_pos, patch_pos = self.position_embeddings(grid)
-        tokens = tokens + patch_pos.astype(tokens.dtype)
         batch = x.shape[0]
+        if bool_masked_pos is not None:  # BEiT: masked patches become the mask token
+            if not self.use_mask_token:
+                raise ValueError("ViT bool_masked_pos needs use_mask_token=True.")
+            chex.assert_shape(bool_masked_pos, (batch, grid[0] * grid[1]))
+            w = bool_masked_pos.astype(tokens.dtype)[:, :, None]
+            tokens = tokens * (1 - w) + self.mask_token.astype(tokens.dtype) * w
+        prefix_pos, patch_pos = self.position_embeddings(grid)
+        if patch_pos is not None:
+            tokens = tokens + patch_pos.astype(tokens.dtype)
         num_patches = grid[0] * grid[1]
         if ids_keep is not None:  # MAE: only the visible patches enter the encoder
             chex.assert_shape(ids_keep, (batch, None))
             tokens = jnp.take_along_axis(tokens, ids_keep[:, :, None], axis=1)
             num_patches = ids_keep.shape[1]
         tokens = self.prepend_cls(tokens, prefix_pos)
+        bias = self.attention_bias(grid, num_patches)
         if return_attention:
-            weights = self.last_attention(tokens, train)
+            weights = self.last_attention(tokens, train, bias)
             t = self.num_prefix_tokens + num_patches
             chex.assert_shape(weights, (batch, self.num_heads, t, t))
             return weights
-        tokens = self.encode(tokens, train).astype(jnp.float32)
+        tokens = self.encode(tokens, train, bias).astype(jnp.float32)
         if return_tokens:
             chex.assert_shape(tokens, (batch, self.num_prefix_tokens + num_patches, self.dim))
             return tokens
