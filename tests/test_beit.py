@@ -20,6 +20,7 @@ from ssl_jax.data import augment, masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import beit
 from ssl_jax.models.vit import relative_position_index, vit
+from tests.method_steps import assert_grads_close, loss_step, set_key
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,11 +47,7 @@ def _config(tokenizer_dir, **overrides):
         config.beit.tokenizer_workdir = tokenizer_dir
         config.eval.random_init_baseline = False
         for key, value in overrides.items():
-            *sections, name = key.split(".")
-            target = config
-            for part in sections:
-                target = target[part]
-            target[name] = value
+            set_key(config, key, value)
     return config
 
 
@@ -165,21 +162,11 @@ def test_tokenizer_is_frozen_and_outside_the_optimizer(tokenizer_dir, tmp_path):
 
 
 def _one_step(tokenizer_dir, num_devices):
-    config = _config(tokenizer_dir)
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = methods.create(config, mesh)
+    method = methods.create(_config(tokenizer_dir), mesh)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
-    batch = {"image": jnp.asarray(images)}
-    params, extra = method.init(jax.random.key(0), batch)
-    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-
-    @jax.jit
-    def step(params, batch):
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (metrics, _)), grads = grad_fn(params, extra, batch, jax.random.key(3), 0)
-        return loss, grads, metrics
-
-    return jax.device_get(step(params, batch))
+    params, extra = method.init(jax.random.key(0), {"image": jnp.asarray(images)})
+    return loss_step(method, params, extra, images, mesh)
 
 
 def test_step_same_on_1_and_8_devices(tokenizer_dir):
@@ -188,10 +175,7 @@ def test_step_same_on_1_and_8_devices(tokenizer_dir):
     assert np.isfinite(loss1) and 0.2 < float(metrics1["mask_ratio"]) <= 0.4
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     np.testing.assert_allclose(metrics8["mask_ratio"], metrics1["mask_ratio"])
-    flat1, flat8 = jax.tree_util.tree_leaves(grads1), jax.tree_util.tree_leaves(grads8)
-    scale = max(float(np.max(np.abs(g))) for g in flat1)
-    for a, b in zip(flat8, flat1, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert_grads_close(grads8, grads1)
 
 
 def test_presets_match_the_tokenizer_presets():

@@ -18,6 +18,7 @@ from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.evaluate import tokenizer
 from ssl_jax.methods import dvae
 from ssl_jax.models.dvae import DiscreteVAE, DVAEEncoder
+from tests.method_steps import assert_grads_close, loss_step, set_key
 
 
 def _np_softmax(x, axis=-1):
@@ -219,16 +220,7 @@ def _one_step(num_devices, params):
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
     method = dvae.create(_config(straight_through=True), mesh, total_steps=10)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
-    batch = jax.device_put({"image": jnp.asarray(images)}, parallel.batch_sharding(mesh))
-    extra = {}
-
-    @jax.jit
-    def step(params, batch):
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (metrics, _)), grads = grad_fn(params, extra, batch, jax.random.key(3), 4)
-        return loss, grads, metrics
-
-    return jax.device_get(step(params, batch))
+    return loss_step(method, params, {}, images, mesh, step=4)
 
 
 def test_step_same_on_1_and_8_devices(tiny):
@@ -239,10 +231,7 @@ def test_step_same_on_1_and_8_devices(tiny):
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     for key in ("recon_mse", "kl", "perplexity", "unused_tokens", "temperature", "kl_weight"):
         np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5, err_msg=key)
-    flat1, flat8 = jax.tree_util.tree_leaves(grads1), jax.tree_util.tree_leaves(grads8)
-    scale = max(float(np.max(np.abs(g))) for g in flat1)
-    for a, b in zip(flat8, flat1, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert_grads_close(grads8, grads1)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -262,11 +251,7 @@ def test_step_same_on_1_and_8_devices(tiny):
 def test_bad_config_named_before_compile(key, value, match):
     config = dvae_config.get_config("data=digits,runlocal")
     with config.unlocked():
-        section, name = key.rsplit(".", 1)
-        target = config
-        for part in section.split("."):
-            target = target[part]
-        target[name] = value
+        set_key(config, key, value)
     with pytest.raises(ConfigError, match=match):
         methods.create(config, parallel.make_mesh())
 

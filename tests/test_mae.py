@@ -15,6 +15,7 @@ from ssl_jax.data import masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import mae
 from ssl_jax.models.vit import vit
+from tests.method_steps import assert_grads_close, loss_step, set_key
 
 
 def test_patchify_layout_and_round_trip():
@@ -124,21 +125,11 @@ def test_loss_counts_masked_patches_only():
 
 
 def _one_step(num_devices):
-    config = mae_config.get_config("data=digits,runlocal")
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = mae.create(config, mesh)
+    method = mae.create(mae_config.get_config("data=digits,runlocal"), mesh)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
-    batch = {"image": jnp.asarray(images)}
-    params, extra = method.init(jax.random.key(0), batch)
-    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-
-    @jax.jit
-    def step(params, batch):
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (metrics, _)), grads = grad_fn(params, extra, batch, jax.random.key(3), 0)
-        return loss, grads, metrics
-
-    return jax.device_get(step(params, batch))
+    params, extra = method.init(jax.random.key(0), {"image": jnp.asarray(images)})
+    return loss_step(method, params, extra, images, mesh)
 
 
 def test_step_same_on_1_and_8_devices():
@@ -146,10 +137,7 @@ def test_step_same_on_1_and_8_devices():
     loss8, grads8, metrics8 = _one_step(8)
     assert np.isfinite(loss1) and float(metrics1["mask_ratio"]) == 0.75
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    flat1, flat8 = jax.tree_util.tree_leaves(grads1), jax.tree_util.tree_leaves(grads8)
-    scale = max(float(np.max(np.abs(g))) for g in flat1)
-    for a, b in zip(flat8, flat1, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert_grads_close(grads8, grads1)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -162,11 +150,7 @@ def test_step_same_on_1_and_8_devices():
 def test_bad_config_named_before_compile(key, value, match):
     config = mae_config.get_config("data=digits,runlocal")
     with config.unlocked():
-        section, name = key.rsplit(".", 1)
-        target = config
-        for part in section.split("."):
-            target = target[part]
-        target[name] = value
+        set_key(config, key, value)
     with pytest.raises(ConfigError, match=match):
         methods.create(config, parallel.make_mesh())
 
