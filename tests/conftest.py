@@ -25,3 +25,14 @@ def trained_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("simclr_run")
     train.train(config, str(workdir))
     return config, workdir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tmp_path_factory):
+    """A finished 6-step dVAE tokenizer run (runlocal, digits), for BEiT: its workdir."""
+    from configs import dvae as dvae_config
+    from ssl_jax import train
+
+    workdir = tmp_path_factory.mktemp("tokenizer_run")
+    train.train(dvae_config.get_config("data=digits,runlocal"), str(workdir))
+    return str(workdir)

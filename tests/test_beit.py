@@ -3,9 +3,6 @@ loss on masked positions against NumPy, two views of one crop, a frozen tokenize
 no optimizer state), the same step on 1 and 8 devices, bad input, and train -> evaluate ->
 fine-tune on a BEiT run."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import beit as beit_config
+from configs import dvae as dvae_configs
 from ssl_jax import finetune, methods, parallel, train
 from ssl_jax.checkpoint import restore_state
 from ssl_jax.config import ConfigError
@@ -22,23 +20,10 @@ from ssl_jax.methods import beit
 from ssl_jax.models.vit import relative_position_index, vit
 from tests.method_steps import assert_grads_close, loss_step, set_key
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def _dvae_config_module():
-    spec = importlib.util.spec_from_file_location("dvae_config", CONFIGS / "dvae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A trained (runlocal) dVAE tokenizer on digits."""
-    config = _dvae_config_module().get_config("data=digits,runlocal")
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    train.train(config, str(workdir))
-    return str(workdir)
+def tokenizer_dir(tokenizer_run):
+    return tokenizer_run
 
 
 def _config(tokenizer_dir, **overrides):
@@ -179,7 +164,6 @@ def test_step_same_on_1_and_8_devices(tokenizer_dir):
 
 
 def test_presets_match_the_tokenizer_presets():
-    dvae_configs = _dvae_config_module()
     for data in ("digits", "cifar10", "imagenet2012"):
         config = beit_config.get_config(f"data={data}")
         tok = dvae_configs.get_config(f"data={data}")
