@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# One process on this machine (CPU or GPU): pre-train, then evaluate the run.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/local.sh --workdir DIR [--config FILE:ARG] [options] [-- TRAIN_ARGS...]
+
+Runs the jobs of --jobs one after the other in one process on this machine, from the
+repository root: python -m ssl_jax.train, then python -m ssl_jax.evaluate (and finetune).
+
+Options:
+  --workdir DIR         run directory (required)
+  --config FILE:ARG     training config, e.g. configs/simclr.py:data=digits (required with train)
+  --jobs LIST           comma-separated, run in this order: train,evaluate,finetune
+                        (default: train,evaluate)
+  --devices N           force N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
+                        JAX_PLATFORMS=cpu), e.g. to try the sharded code paths on a laptop
+  --python PY           Python interpreter (default: $PYTHON or python3)
+  --eval-arg ARG        one more argument for ssl_jax.evaluate (repeatable),
+                        e.g. --eval-arg=--config.eval.knn_k=10
+  --finetune-arg ARG    one more argument for ssl_jax.finetune (repeatable)
+  --dry-run             print each command ("+ " and shell-quoted), run nothing
+  -h, --help            this text
+Everything after -- goes to ssl_jax.train: --config.KEY=VALUE overrides, --stop_at_step=N.
+
+Example:
+  launch/local.sh --config configs/simclr.py:data=digits --workdir workdirs/simclr_digits \
+      --devices 2 -- --config.batch_size=128
+EOF
+}
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# Shell-quotes one word so that the printed line can be pasted into a shell.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+quote_all() {
+  local words=() w
+  for w in "$@"; do words+=("$(quote "$w")"); done
+  printf '%s' "${words[*]}"
+}
+# Prints a command as "+ cmd" and runs it unless --dry-run.
+run() {
+  printf '+ %s\n' "$(quote_all "$@")"
+  if ((DRY_RUN)); then return 0; fi
+  "$@"
+}
+require_value() {  # OPTION [VALUE]: a value must follow (--*-arg values may start with -)
+  [[ $# -ge 2 && ($2 != -* || $1 == --*-arg) ]] || die "$1 needs a value (see --help)"
+}
+
+WORKDIR="" CONFIG="" JOBS="train,evaluate" DEVICES="" PY="${PYTHON:-python3}" DRY_RUN=0
+EVAL_ARGS=() FINETUNE_ARGS=() TRAIN_ARGS=()
+while (($#)); do
+  if [[ $1 == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi  # --opt=value
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --workdir) require_value "$@"; WORKDIR=$2; shift 2 ;;
+    --config) require_value "$@"; CONFIG=$2; shift 2 ;;
+    --jobs) require_value "$@"; JOBS=$2; shift 2 ;;
+    --devices) require_value "$@"; DEVICES=$2; shift 2 ;;
+    --python) require_value "$@"; PY=$2; shift 2 ;;
+    --eval-arg) require_value "$@"; EVAL_ARGS+=("$2"); shift 2 ;;
+    --finetune-arg) require_value "$@"; FINETUNE_ARGS+=("$2"); shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) die "unexpected argument $1: arguments for ssl_jax.train go after --" ;;
+  esac
+done
+
+[[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
+IFS=, read -ra JOB_LIST <<<"$JOBS"
+((${#JOB_LIST[@]})) || die "--jobs is empty: give e.g. --jobs train,evaluate"
+for job in "${JOB_LIST[@]}"; do
+  case $job in
+    train) [[ -n $CONFIG ]] || die "--config is required to train (see --help)" ;;
+    evaluate|finetune) ;;
+    *) die "--jobs: unknown job '$job'; choose from train, evaluate, finetune" ;;
+  esac
+done
+
+ENV=()
+if [[ -n $DEVICES ]]; then
+  [[ $DEVICES =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer, got '$DEVICES'"
+  xla_flags=""
+  for flag in ${XLA_FLAGS:-}; do  # an inherited device count would fight ours
+    [[ $flag == --xla_force_host_platform_device_count=* ]] || xla_flags+="$flag "
+  done
+  ENV=(env "XLA_FLAGS=${xla_flags}--xla_force_host_platform_device_count=$DEVICES"
+       JAX_PLATFORMS=cpu)
+fi
+
+for job in "${JOB_LIST[@]}"; do
+  case $job in
+    train) cmd=("$PY" -m ssl_jax.train --config "$CONFIG" --workdir "$WORKDIR"
+                ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}) ;;
+    evaluate) cmd=("$PY" -m ssl_jax.evaluate --workdir "$WORKDIR"
+                   ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}) ;;
+    finetune) cmd=("$PY" -m ssl_jax.finetune --workdir "$WORKDIR"
+                   ${FINETUNE_ARGS[@]+"${FINETUNE_ARGS[@]}"}) ;;
+  esac
+  run ${ENV[@]+"${ENV[@]}"} "${cmd[@]}"
+done
