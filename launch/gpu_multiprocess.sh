@@ -44,25 +44,7 @@ Examples:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
-
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() {
-  local words=() w
-  for w in "$@"; do words+=("$(quote "$w")"); done
-  printf '%s' "${words[*]}"
-}
-run() {
-  printf '+ %s\n' "$(quote_all "$@")"
-  if ((DRY_RUN)); then return 0; fi
-  "$@"
-}
-require_value() {
-  [[ $# -ge 2 && ($2 != -* || $1 == --*-arg) ]] || die "$1 needs a value (see --help)"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_int() {  # OPTION VALUE MIN
   [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3)) || die "$1 must be an integer >= $3, got '$2'"
 }
@@ -94,16 +76,7 @@ while (($#)); do
   esac
 done
 
-[[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
-IFS=, read -ra JOB_LIST <<<"$JOBS"
-((${#JOB_LIST[@]})) || die "--jobs is empty: give e.g. --jobs train,evaluate"
-for job in "${JOB_LIST[@]}"; do
-  case $job in
-    train) [[ -n $CONFIG ]] || die "--config is required to train (see --help)" ;;
-    evaluate|finetune) ;;
-    *) die "--jobs: unknown job '$job'; choose from train, evaluate, finetune" ;;
-  esac
-done
+check_workdir_and_jobs
 require_int --port "$PORT" 1
 [[ -z $GPP ]] || require_int --gpus-per-process "$GPP" 1
 

@@ -49,26 +49,7 @@ Example:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
-warn() { echo "warning: $*" >&2; }
-
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() {
-  local words=() w
-  for w in "$@"; do words+=("$(quote "$w")"); done
-  printf '%s' "${words[*]}"
-}
-run() {
-  printf '+ %s\n' "$(quote_all "$@")"
-  if ((DRY_RUN)); then return 0; fi
-  "$@"
-}
-require_value() {
-  [[ $# -ge 2 && ($2 != -* || $1 == --*-arg) ]] || die "$1 needs a value (see --help)"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 NAME="" ZONE="" WORKDIR="" CONFIG="" JOBS="train,evaluate" DATA_DIR="" PROJECT="" ACCEL=""
 VERSION="" CREATE=0 SPOT=0 DELETE_AFTER=0 REPO="" REMOTE_DIR="ssl_jax" SKIP_SETUP=0 PY=python3
@@ -104,16 +85,7 @@ done
 
 [[ -n $NAME ]] || die "--name is required (see --help)"
 [[ -n $ZONE ]] || die "--zone is required (see --help)"
-[[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
-IFS=, read -ra JOB_LIST <<<"$JOBS"
-((${#JOB_LIST[@]})) || die "--jobs is empty: give e.g. --jobs train,evaluate"
-for job in "${JOB_LIST[@]}"; do
-  case $job in
-    train) [[ -n $CONFIG ]] || die "--config is required to train (see --help)" ;;
-    evaluate|finetune) ;;
-    *) die "--jobs: unknown job '$job'; choose from train, evaluate, finetune" ;;
-  esac
-done
+check_workdir_and_jobs
 if ((CREATE)); then
   [[ -n $ACCEL ]] || die "--create needs --accelerator-type (e.g. v4-8, v5litepod-16)"
   [[ -n $VERSION ]] || die "--create needs --version (the TPU VM runtime, e.g. tpu-ubuntu2204-base)"
