@@ -4,26 +4,41 @@ Layout of a workdir::
 
     DIR/config.json              the run's config, written once when the run starts
     DIR/checkpoints/<step>/      state (params, method extras, optimizer) + data (Grain state)
+                                 + fingerprint (a 32-bit checksum of every state leaf)
+    DIR/checkpoints/<step>.corrupt-<time>/  an unreadable checkpoint moved aside (kept, unused)
     DIR/export/<step>/           the encoder's variables alone, with encoder.json beside them
     DIR/metrics.jsonl, DIR/events.out.tfevents.*, DIR/eval.json
 
 A workdir belongs to one run: starting a different method or model in it is refused, so a
 typo in ``--workdir`` never overwrites somebody's checkpoints.
+
+A checkpoint is written to a temporary directory and renamed to ``<step>`` only when complete
+(Orbax), so a process killed during a save leaves no ``<step>`` behind; the leftover temporary
+directory is removed at the next start. A complete checkpoint whose files were later truncated,
+garbled or deleted fails to restore (or to match its fingerprint): the run then warns, naming
+it, resumes from the newest good one and moves the bad one aside (never deleting it) so that
+the step can be saved again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ssl_jax import config as config_lib
 
@@ -33,6 +48,10 @@ IDENTITY_KEYS = ("method", "model")
 
 class WorkdirError(ValueError):
     """The workdir holds something that does not fit this run."""
+
+
+class CorruptCheckpointError(WorkdirError):
+    """A checkpoint's arrays do not match the fingerprint saved with them."""
 
 
 def workdir_path(workdir: epath.PathLike) -> epath.Path:
@@ -87,7 +106,8 @@ def _short(value: Any) -> str:
 
 
 class RunCheckpoints:
-    """Saves and restores ``{'state': train state, 'data': Grain iterator}`` per step.
+    """Saves and restores ``{'state': train state, 'data': Grain iterator}`` per step, with a
+    fingerprint of the state that a restore checks.
 
     Keeps the newest ``keep`` checkpoints and, in addition, every step that is a multiple of
     ``keep_every`` (0: none). Saves are asynchronous when ``async_save``.
@@ -111,6 +131,7 @@ class RunCheckpoints:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
         )
+        self.read_only = read_only
         self.directory = workdir_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -118,6 +139,7 @@ class RunCheckpoints:
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.PyGrainCheckpointHandler(),
+                "fingerprint": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -127,42 +149,68 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def reached_preemption(self, step: int) -> bool:
+        """Orbax's (JAX's) multi-host preemption sync point: all processes agree to save at
+        ``step``. Must be asked at every step by every process."""
+        return self.manager.reached_preemption(step)
+
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.PyGrainCheckpointSave(data_iterator),
+                fingerprint=ocp.args.JsonSave(state_fingerprint(state)),
             ),
             force=True,
         )
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
         """The state at ``step`` laid out as ``abstract_state`` (shapes + shardings); also moves
-        ``data_iterator`` to its saved position when given."""
+        ``data_iterator`` to its saved position when given. Raises
+        :class:`CorruptCheckpointError` when the arrays read do not match the checkpoint's
+        fingerprint (checkpoints written before fingerprints existed are not checked)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        checked = (self.directory / str(step) / "fingerprint").exists()
+        if checked:
+            items["fingerprint"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if checked:
+            _check_fingerprint(self.directory / str(step), restored["state"],
+                               restored["fingerprint"])
         return restored["state"]
 
     def restore_latest_good(self, abstract_state: Any, data_iterator: Any = None):
         """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)`` when
         there is no checkpoint at all.
 
-        A checkpoint that fails to restore (truncated or garbled files) is reported with a warning
-        and skipped; nothing is deleted. If checkpoints exist but none restores, this raises
-        rather than letting a fresh run start (and later save) beside them.
+        A checkpoint that fails to restore (truncated, garbled or missing files, a fingerprint
+        mismatch) is reported with a warning naming its directory and skipped. Once an older
+        one restored, the unreadable newer ones are moved aside to ``<step>.corrupt-<time>``
+        (unless read-only), so that the run can save those steps again; nothing is deleted. If
+        checkpoints exist but none restores, this raises rather than letting a fresh run start
+        (and later save) beside them. All processes of a run agree on the step.
         """
         steps = self.all_steps()
+        unreadable = []
         for step in reversed(steps):
+            state, error = None, None
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
+                state = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
-                logging.warning(
-                    "checkpoint %s is unreadable (%s: %s); falling back to an older one",
-                    self.directory / str(step), type(e).__name__, str(e)[:200],
-                )
+                error = e
+            if _all_processes_agree(error is None):
+                if unreadable and not self.read_only:
+                    self._move_aside(unreadable)
+                return step, state
+            logging.warning(
+                "checkpoint %s is unreadable (%s); falling back to an older one",
+                self.directory / str(step),
+                f"{type(error).__name__}: {str(error)[:300]}" if error else "on another process",
+            )
+            unreadable.append(step)
         if steps:
             raise WorkdirError(
                 f"none of the checkpoints {steps} in {self.directory} restores into this "
@@ -170,11 +218,81 @@ class RunCheckpoints:
                 "--workdir, or the config the run was started with.")
         return None, None
 
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames the checkpoints of ``steps`` to ``<step>.corrupt-<time>`` (Orbax ignores
+        such names)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if jax.process_index() == 0:
+            for step in steps:
+                source = self.directory / str(step)
+                target = self.directory / f"{step}.corrupt-{stamp}"
+                source.rename(target)
+                logging.warning(
+                    "moved the unreadable checkpoint %s aside to %s (kept for inspection, "
+                    "no longer used) so that the run can save step %d again",
+                    source, target, step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"ssl_jax_move_aside_{min(steps)}")
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """``ok`` on every process (a read error may hit one process's shards only)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 sum over the leaf's bit patterns, each weighted by ``2 * flat_index + 1`` (so any
+    single changed word changes it); computed where the leaf lies, without gathering it."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for dim, size in enumerate(words.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim)
+    return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+@functools.lru_cache(maxsize=8)
+def _checksums_fn(mesh: Mesh | None):
+    def checksums(leaves):
+        return jnp.stack([_leaf_checksum(x) for x in leaves])
+
+    if mesh is None:
+        return jax.jit(checksums)
+    return jax.jit(checksums, out_shardings=NamedSharding(mesh, P()))
+
+
+def state_fingerprint(state: Any) -> dict[str, Any]:
+    """``{'algorithm': ..., 'leaves': {path: uint32 checksum}}`` of every leaf of ``state``."""
+    with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
+    leaves = tuple(leaf for _, leaf in with_paths)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    sums = np.asarray(_checksums_fn(mesh)(leaves)).tolist() if leaves else []
+    names = [jax.tree_util.keystr(path) for path, _ in with_paths]
+    return {"algorithm": "uint32-weighted-sum-v1", "leaves": dict(zip(names, sums, strict=True))}
+
+
+def _check_fingerprint(directory: epath.Path, state: Any, saved: dict[str, Any]) -> None:
+    actual = state_fingerprint(state)["leaves"]
+    expected = saved.get("leaves", {})
+    bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+    if bad:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} is corrupt: {len(bad)} array(s) do not match the checksums "
+            f"saved with them, e.g. {', '.join(bad[:3])}")
 
 
 def export_encoder(

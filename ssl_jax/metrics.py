@@ -1,34 +1,56 @@
 """Training metrics: one JSON object per logged step in ``DIR/metrics.jsonl`` and TensorBoard
-event files in ``DIR`` (written by tensorboardX, no TensorFlow needed). Only process 0 writes."""
+event files in ``DIR`` (written by tensorboardX, no TensorFlow needed). Only process 0 writes.
+
+A workdir on an object store (``gs://...``, through etils' epath) cannot be appended to: there
+the file is rewritten whole at each write, rows of earlier invocations included (a few hundred
+KB for a long run). TensorBoard files on ``gs://`` need ``google-cloud-storage`` (tensorboardX).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from collections.abc import Mapping
 
 import jax
+from absl import logging
 from etils import epath
 
 
 class MetricsWriter:
-    def __init__(self, workdir: epath.PathLike, enabled: bool | None = None):
+    def __init__(self, workdir: epath.PathLike, enabled: bool | None = None,
+                 tensorboard: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._appendable = "://" not in os.fspath(self.path)  # a local file system
+        self._rows: list[str] | None = None  # an object store's whole file
         self._tb = None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
+        if self.enabled and tensorboard:
+            if self._appendable or importlib.util.find_spec("google.cloud.storage") is not None:
+                from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
+                self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
+            else:
+                logging.warning("no TensorBoard files in %s: pip install google-cloud-storage "
+                                "for them (metrics.jsonl is written)", workdir)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step)}
         row.update({k: _finite_or_str(float(v)) for k, v in scalars.items()})
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in scalars.items():
+        line = json.dumps(row) + "\n"
+        if self._appendable:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            if self._rows is None:
+                self._rows = [self.path.read_text()] if self.path.exists() else []
+            self._rows.append(line)
+            self.path.write_text("".join(self._rows))
+        for key, value in scalars.items() if self._tb is not None else ():
             self._tb.add_scalar(key, float(value), global_step=int(step))
 
     def close(self) -> None:

@@ -6,6 +6,27 @@ r"""The one pre-training loop. It knows no method by name.
 Re-running with the same workdir resumes from its newest good checkpoint, data position
 included. Sections: set-up, data, method and optimizer, state (created sharded), the step,
 the loop (logging, checkpoints), export.
+
+Faults (exit codes in :mod:`ssl_jax.faults`):
+
+- Preemption: on SIGTERM (single process; a handler installed for the duration of
+  :func:`train` only) or at the step that JAX's preemption sync manager agrees on (multi-process,
+  via Orbax's ``CheckpointManager.reached_preemption``), the run finishes the current step,
+  saves its checkpoint (state and data position), waits for the save to complete and raises
+  :class:`~ssl_jax.faults.Preempted`: exit code 75 (``EXIT_PREEMPTED``). The same command
+  resumes exactly where it stopped. SIGTERM before the first step exits with 75 at once (there
+  is nothing new to save); at the last step the run just completes (exit code 0).
+- SIGKILL at any moment: the next start resumes from the newest complete checkpoint; an
+  interrupted save is discarded. Resumed runs equal uninterrupted ones bit for bit on CPU.
+- Corrupt checkpoints: see :mod:`ssl_jax.checkpoint` (warn, fall back, move aside).
+- Non-finite loss or gradient: the step is skipped, leaving the state as it was (see
+  :func:`ssl_jax.step.make_train_step`); ``on_nonfinite='skip'`` counts it
+  (``nonfinite_steps`` in metrics.jsonl, a warning at log steps) and goes on.
+  ``on_nonfinite='stop'`` raises :class:`~ssl_jax.faults.NonFiniteError` naming the step (exit
+  code 4). It checks each step's loss and gradient norm on the host one step late, so one
+  step stays in flight and the host syncs on a scalar pair per step, and it checks the
+  step itself before every save: no checkpoint is written once a non-finite step happened,
+  the older ones are kept, and a restart resumes from the newest.
 """
 
 from __future__ import annotations
@@ -21,15 +42,13 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import methods, parallel
+from ssl_jax import faults, flops, methods, parallel
 from ssl_jax.config import require
 from ssl_jax.data import pipeline
 from ssl_jax.metrics import MetricsWriter
 from ssl_jax.step import build_state, make_train_step
 
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or Inf loss or gradient and ``on_nonfinite='stop'``."""
+NonFiniteError = faults.NonFiniteError
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -49,7 +68,17 @@ def train(
 
     ``stop_at_step`` > 0 ends this invocation after that step with a checkpoint, without
     changing the run (schedules keep the full length); a later call resumes. Returns the
-    state (on the devices) for programmatic use and tests."""
+    state (on the devices) for programmatic use and tests. Raises
+    :class:`~ssl_jax.faults.Preempted` after saving for a preemption notice and
+    :class:`~ssl_jax.faults.NonFiniteError` (``on_nonfinite='stop'``)."""
+    with faults.PreemptionWatcher() as preemption:
+        return _train(config, workdir, stop_at_step, preemption)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int,
+    preemption: faults.PreemptionWatcher,
+) -> dict[str, Any]:
     # --- Set-up -----------------------------------------------------------------------------
     check_config(config)
     workdir = ckpt_lib.workdir_path(workdir)
@@ -90,21 +119,29 @@ def train(
                  steps_per_epoch)
 
     # --- The step -------------------------------------------------------------------------------
-    step_fn = jax.jit(
+    step_fn = flops.CountedStep(jax.jit(  # compiled at the first call; knows its FLOPs
         make_train_step(method, tx, schedule, step_rng, config.on_nonfinite),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
-    )
+    ))
+    peak_flops = flops.peak_flops()  # measured once per process, for the 'mfu' metric
 
     # --- The loop ------------------------------------------------------------------------------
     writer = MetricsWriter(workdir)
     progress = _progress_bar(total_steps, start_step)
-    last_time, last_step, nonfinite_seen = time.perf_counter(), start_step, 0
+    last_time, last_step = time.perf_counter(), start_step
+    nonfinite_seen = int(state["nonfinite_steps"])  # those of earlier invocations
     last = min(total_steps, stop_at_step) if stop_at_step > 0 else total_steps
+    stop_on_nonfinite, previous = config.on_nonfinite == "stop", None
+    if preemption.signalled():
+        _stop_preempted(checkpoints, writer, start_step, saved=False)
     for step in range(start_step + 1, last + 1):
         batch = parallel.global_batch(_images_and_labels(next(data_iter)), mesh)
         state, metrics = step_fn(state, batch)
+        if stop_on_nonfinite and previous is not None:  # the step before, one step late
+            _check_finite(step - 1, previous, checkpoints)
+        previous = metrics
         if step == start_step + 1:  # Time compilation apart so images/s measures the steps.
             jax.block_until_ready(state)
             first_step_s = time.perf_counter() - last_time
@@ -117,6 +154,8 @@ def train(
             metrics["images_per_sec"] = (
                 config.batch_size * (step - last_step) / (now - last_time)
                 if step > last_step else config.batch_size / first_step_s)
+            metrics.update(flops.mfu_metric(
+                step_fn.flops, metrics["images_per_sec"] / config.batch_size, peak_flops))
             metrics["nonfinite_steps"] = nonfinite
             metrics["epoch"] = step / steps_per_epoch
             writer.write(step, metrics)
@@ -126,14 +165,16 @@ def train(
             last_time, last_step = now, step
             if nonfinite > nonfinite_seen:
                 logging.warning("%d non-finite step(s) skipped up to step %d", nonfinite, step)
-                if config.on_nonfinite == "stop":
-                    checkpoints.wait()
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient before step {step}; the last good "
-                        f"checkpoint is step {checkpoints.latest_step()} in {workdir}")
                 nonfinite_seen = nonfinite
-        if step % config.checkpoint.every_steps == 0 or step == last:
+        # Every process asks at every step (the multi-host sync point requires it).
+        preempted = preemption.reached(step, checkpoints.reached_preemption) and step < last
+        if preempted or step % config.checkpoint.every_steps == 0 or step == last:
+            if stop_on_nonfinite:  # never save a state once a non-finite step happened
+                _check_finite(step, metrics, checkpoints)
             checkpoints.save(step, state, data_iter)
+        if preempted:
+            progress.close()
+            _stop_preempted(checkpoints, writer, step, saved=True)
     progress.close()
     checkpoints.wait()
     writer.close()
@@ -147,6 +188,38 @@ def train(
         logging.info("exported the encoder of step %d to %s", final_step, target)
     checkpoints.close()
     return state
+
+
+def _check_finite(step: int, metrics: dict[str, Any], checkpoints: ckpt_lib.RunCheckpoints):
+    """Raises :class:`NonFiniteError` naming ``step`` if its loss or gradient norm is not
+    finite (a host sync on the two scalars)."""
+    loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return
+    checkpoints.wait()
+    latest = checkpoints.latest_step()
+    kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}; the same "
+            "command resumes from it" if latest is not None else "no checkpoint was saved")
+    raise NonFiniteError(
+        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step} with "
+        f"on_nonfinite='stop'; {kept}. Lower the learning rate (--config.optim.base_lr) or "
+        "check the data, or pass --config.on_nonfinite=skip to skip such steps.")
+
+
+def _stop_preempted(checkpoints: ckpt_lib.RunCheckpoints, writer: MetricsWriter, step: int,
+                    saved: bool) -> None:
+    """Waits for the checkpoint of ``step`` to be complete, then raises ``Preempted``."""
+    checkpoints.close()  # waits for the save in flight
+    writer.close()
+    if saved:
+        what = f"saved the checkpoint of step {step}"
+    else:
+        latest = checkpoints.latest_step()
+        what = "before the first step; " + (
+            f"the newest checkpoint is step {latest}" if latest is not None else "no checkpoint")
+    message = (f"preempted: {what} in {checkpoints.directory}; run the same command to resume "
+               f"(exit code {faults.EXIT_PREEMPTED})")
+    raise faults.Preempted(step, message)
 
 
 def _images_and_labels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

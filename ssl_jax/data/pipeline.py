@@ -5,21 +5,27 @@ The host only decodes and resizes; augmentation runs on the accelerator
 the shorter side is resized to `image_size` with Pillow's bicubic filter (antialiased when
 shrinking), then the centre square is cropped; one `Image.resize(..., box=square)` call does
 both, and pixels just outside the square still feed the filter at its edges. Grayscale and
-palette images become 3 equal channels, alpha is dropped, the 8x8 digits are upscaled. JPEGs
-larger than needed are decoded at a reduced DCT scale (`Image.draft`) that keeps both sides
->= `image_size`.
+palette images become 3 equal channels, alpha is dropped, CMYK is converted, 16-bit grayscale
+keeps its top 8 bits, the 8x8 digits are upscaled: any size and mode is read, none is an error.
+JPEGs larger than needed are decoded at a reduced DCT scale (`Image.draft`) that keeps both
+sides >= `image_size`. A label outside `[0, num_classes)` stops reading with a `DataError` naming
+the record; label -1 (an unlabelled split) is read by the training loader only (pre-training
+uses no labels), never for evaluation.
 
 Training order (`train_loader`): one global stream over all processes. Global position `i`
 holds record `perm_e[i mod N]`, `perm_e` the seeded permutation of epoch `e = i div N`
-(reshuffled every epoch, epochs without end). Process `p` of `P` reads positions
-`p, p + P, p + 2P, ...` (Grain's `ShardOptions`), so within an epoch the processes' shares
-are disjoint and cover the data, and with `num_workers=0` the examples of global step `t` are
-positions `[t * B, (t + 1) * B)` whatever the number of processes. (Each of `num_workers`
-Grain workers builds whole batches from every `num_workers`-th record of its process's
-stream, so the batches depend on `num_workers`; they stay deterministic.) The iterator's
-`get_state()` / `set_state()` (and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`
-for Orbax) resume at the exact batch; a restore checks that the sampler, the source and
-`num_workers` match.
+(reshuffled every epoch, epochs without end). Global step `t` holds positions
+`[t * B, (t + 1) * B)`, and process `p` of `P` reads the contiguous slice
+`[t * B + p * B / P, t * B + (p + 1) * B / P)` of it, so that the processes' batches,
+concatenated in process order (as `ssl_jax.parallel.global_batch` does), are the 1-process
+batch: the same examples in the same order, whatever the number of processes (with
+`num_workers=0`). Within an epoch the processes' shares are disjoint and cover the data.
+(Each of `num_workers` Grain workers builds whole batches from every `num_workers`-th record
+of its process's stream, so the batches depend on `num_workers`; they stay deterministic.
+An undecodable image is replaced by the next record of the same process's stream.) The
+iterator's `get_state()` / `set_state()` (and `grain.checkpoint.CheckpointSave` /
+`CheckpointRestore` for Orbax) resume at the exact batch; a restore checks that the sampler
+(with the process layout), the source and `num_workers` match.
 
 Evaluation order (`eval_batches`): one pass in the source's order; process `p` reads the
 contiguous share `[p * ceil(N / P), (p + 1) * ceil(N / P))`; every process yields the same
@@ -52,7 +58,8 @@ from ssl_jax.data.sources import DataError, make_source
 
 MAX_CORRUPT_FRACTION = 0.01
 CORRUPT_GRACE = 10
-_UNDECODABLE = -1  # label of a record whose image could not be decoded
+_UNDECODABLE = np.iinfo(np.int32).min  # label of a record whose image could not be decoded
+UNLABELLED = -1  # the label of an unlabelled split's records (TFDS convention)
 
 
 class UndecodableImageError(Exception):
@@ -68,6 +75,15 @@ def _square_resize(image: Image.Image, size: int) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BICUBIC,
                              box=(left, top, left + side, top + side))
     return np.asarray(image, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as RGB; 16- and 32-bit integer grayscale (16-bit PNGs) keep their top 8
+    bits, where Pillow's own conversion would clip everything above 255 to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
@@ -89,7 +105,7 @@ def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(image)) as encoded:
                 encoded.draft("RGB", (size, size))
-                rgb = encoded.convert("RGB")
+                rgb = _to_rgb(encoded)
         except Image.UnidentifiedImageError as e:
             raise UndecodableImageError("not in an image format that Pillow knows") from e
         except Exception as e:  # Pillow raises many types for broken files.
@@ -113,9 +129,10 @@ class DecodedSource:
     in parallel even with `num_workers=0`. Counts undecodable images (module docstring).
     """
 
-    def __init__(self, source: Any, image_size: int):
+    def __init__(self, source: Any, image_size: int, unlabelled_ok: bool = False):
         self._source = source
         self._size = image_size
+        self._unlabelled_ok = unlabelled_ok  # label -1 passes (pre-training reads no labels)
         self.num_classes = source.num_classes
         self._lock = threading.Lock()
         self._read = 0
@@ -145,7 +162,14 @@ class DecodedSource:
                     "label": np.int32(_UNDECODABLE)}
         with self._lock:
             self._read += 1
-        return {"image": image, "label": np.int32(record["label"])}
+        label = record["label"]
+        if not (0 <= label < self.num_classes or self._unlabelled_ok and label == UNLABELLED):
+            raise DataError(
+                f"record {record['id']} has label {label}, outside [0, {self.num_classes}) of the "
+                f"source's {self.num_classes} classes: fix the dataset's labels (an unlabelled "
+                "split, label -1, can be pre-trained on but not evaluated: choose a labelled "
+                "split for the evaluation job).")
+        return {"image": image, "label": np.int32(label)}
 
     def _count_undecodable(self, record_id: str, error: Exception) -> None:
         with self._lock:
@@ -173,25 +197,40 @@ class _KeepDecodable(grain.transforms.Filter):
 class GlobalShuffleSampler:
     """Grain sampler of an endless, globally shuffled stream (see the module docstring).
 
-    `sampler[i].record_key = perm_{i div N}[i mod N]`, with `perm_e` a permutation of
-    `range(N)` drawn from (seed, e) by Grain's index shuffle.
+    Global position `g` holds record `perm_{g div N}[g mod N]`, with `perm_e` a permutation of
+    `range(N)` drawn from (seed, e) by Grain's index shuffle. The sampler of process `p` of `P`
+    (with `local_batch = B / P` rows per global batch of `B`) maps its own position
+    `i = k * local_batch + j` to the global position `k * B + p * local_batch + j`: row `j` of
+    its `k`-th batch is row `p * local_batch + j` of global batch `k`.
     """
 
-    def __init__(self, num_records: int, seed: int):
+    def __init__(self, num_records: int, seed: int, local_batch: int = 1,
+                 process_index: int = 0, process_count: int = 1):
         self._num_records = num_records
         self._seed = seed
+        self._local_batch = local_batch
+        self._process_index = process_index
+        self._process_count = process_count
         self._keys = grain.MapDataset.range(num_records).shuffle(seed=seed)
 
     def __len__(self) -> int:
         return sys.maxsize
 
     def __repr__(self) -> str:
-        return f"GlobalShuffleSampler(num_records={self._num_records}, seed={self._seed})"
+        shard = "" if self._process_count == 1 else (
+            f", local_batch={self._local_batch}, process_index={self._process_index}, "
+            f"process_count={self._process_count}")  # 1 process: as before, old states restore
+        return f"GlobalShuffleSampler(num_records={self._num_records}, seed={self._seed}{shard})"
+
+    def global_position(self, index: int) -> int:
+        batch, row = divmod(index, self._local_batch)
+        return (batch * self._process_count + self._process_index) * self._local_batch + row
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0:
             raise IndexError(f"negative sampler index {index}")
-        return grain.RecordMetadata(index=index, record_key=int(self._keys[index]))
+        return grain.RecordMetadata(
+            index=index, record_key=int(self._keys[self.global_position(index)]))
 
 
 def _check_processes(process_index: int, process_count: int) -> None:
@@ -233,14 +272,14 @@ def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
         raise DataError(f"global_batch_size={global_batch_size} exceeds the {len(source)} "
                         f"examples of split {data_cfg.train_split!r}: use a smaller batch size.")
     return grain.DataLoader(
-        data_source=DecodedSource(source, data_cfg.image_size),
-        sampler=GlobalShuffleSampler(len(source), int(seed)),
+        data_source=DecodedSource(source, data_cfg.image_size, unlabelled_ok=True),
+        sampler=GlobalShuffleSampler(len(source), int(seed), local_batch, process_index,
+                                     process_count),
         operations=[_KeepDecodable(),
                     grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)],
         worker_count=data_cfg.num_workers,
         worker_buffer_size=data_cfg.get("prefetch", 2),
-        shard_options=grain.sharding.ShardOptions(process_index, process_count,
-                                                  drop_remainder=True),
+        shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
         read_options=_read_options(local_batch),
     )
 

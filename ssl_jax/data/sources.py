@@ -18,7 +18,9 @@ Which source (`data_cfg.source`, `data_cfg.name`):
   dir on first use (`ssl_jax.data.digits`).
 - 'folder' (or 'auto' with name 'folder'): `ROOT/SPLIT/CLASS/*.{jpg,jpeg,png}` (suffix in any
   case). A class's index is its position among the sorted class folders of the training
-  split (so every split uses the same mapping); files are sorted.
+  split (so every split uses the same mapping); files are sorted. A class folder of the
+  training split without images is an error (a failed copy, not a class); another split may
+  lack classes, but not have classes the training split does not.
 - 'tfds': a TFDS dataset prepared as ArrayRecord in the data dir (`download=False`).
 - 'auto' with any other name: TFDS if that dataset is prepared in the data dir, else the image
   folder at `data_cfg.root`.
@@ -178,7 +180,8 @@ def _scan_image_folder(root: str, split: str, class_split: str
         raise DataError(f"no class folders in {split_dir!r}: expected {split_dir}/CLASS/*.jpg, "
                         "one folder per class.")
     class_dir = os.path.join(root, class_split)
-    if class_split != split and os.path.isdir(class_dir):
+    defines_classes = class_split == split or not os.path.isdir(class_dir)
+    if not defines_classes:
         reference = _subdirs(class_dir)
         unknown = sorted(set(classes) - set(reference))
         if unknown:
@@ -186,7 +189,7 @@ def _scan_image_folder(root: str, split: str, class_split: str
                 f"class folders {unknown} of {split_dir!r} are missing from {class_dir!r}; "
                 "every split must use the class folders of the training split.")
         classes = reference
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, name in enumerate(classes):
         path = os.path.join(split_dir, name)
         if not os.path.isdir(path):
@@ -194,9 +197,17 @@ def _scan_image_folder(root: str, split: str, class_split: str
         names = _list_class_dir(path, os.stat(path).st_mtime_ns)
         files.extend(os.path.join(name, f) for f in names)
         labels.extend([label] * len(names))
+        if not names:
+            empty.append(name)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}, any case) in the class folders "
-                        f"of {split_dir!r}.")
+                        f"of {split_dir!r}: an empty split; put the images in "
+                        f"{split_dir}/CLASS/ or fix --config.data.root or the split name.")
+    if empty and defines_classes:  # a class without examples is a failed copy, not a class
+        raise DataError(
+            f"class folder(s) {empty[:5]}{' ...' if len(empty) > 5 else ''} of {split_dir!r} hold "
+            f"no images ({', '.join(IMAGE_SUFFIXES)}, any case): the folders of this split define "
+            "the classes, so copy their images in or remove the empty folders.")
     return tuple(classes), files, np.asarray(labels, dtype=np.int32)
 
 
@@ -268,6 +279,15 @@ def _wrap_tfds(builder: Any, name: str, split: str) -> TfdsSource:
                       image_key=image_key, label_key=label_key)
 
 
+def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """The pipeline's numbers: a positive image size, workers >= 0, prefetch >= 1."""
+    for key, low in (("image_size", 1), ("num_workers", 0), ("prefetch", 1)):
+        value = data_cfg.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise DataError(f"config.data.{key}={value!r} must be an integer >= {low}: fix "
+                            f"--config.data.{key}.")
+
+
 def resolve_source(data_cfg: ml_collections.ConfigDict) -> str:
     """The source `make_source` reads for this config: 'builtin', 'tfds' or 'folder'."""
     name, source, root = data_cfg.name, data_cfg.source, data_cfg.get("root", "")
@@ -306,8 +326,10 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> TfdsSource |
       `len(source)` examples; `source.num_classes` classes.
 
     Raises:
-      DataError: unknown source, data not prepared or not found, split missing, empty folder.
+      DataError: unknown source, data not prepared or not found, split missing, empty folder,
+        a bad image_size / num_workers / prefetch.
     """
+    check_data_config(data_cfg)
     kind = resolve_source(data_cfg)
     data_dir = resolve_data_dir(data_cfg)
     if kind == "builtin":

@@ -3,15 +3,17 @@ r"""The evaluation job: linear probe and weighted kNN on a run's frozen encoder.
     python -m ssl_jax.evaluate --workdir DIR [--config.eval.step=500] [--config.KEY=VALUE ...]
 
 It reads the run's ``DIR/config.json``, applies the overrides (e.g. ``--config.data.root=...``
-when the data moved, ``--config.eval.knn_k=10``), restores the chosen checkpoint, extracts
-features of the train and test splits without augmentation, and runs (a) a linear probe whose
-learning rate and weight decay are chosen on a held-out part of the TRAIN split, reporting test
-top-1, and (b) weighted kNN (k=20, T=0.07, as in DINO). It does the same for a randomly
-initialised encoder of the same architecture, prints both side by side, and writes
-``DIR/eval.json`` (kept per step: earlier results are never overwritten). When the encoder is a
-ViT it also writes ``DIR/attention_step{N}.png``: the last block's cls-token attention of every
-head for a few test images (``ssl_jax.evaluate.pictures``). A visual tokenizer (the dVAE) also
-gets its hard-code reconstruction error and code usage on the test split and
+when the data moved, ``--config.eval.knn_k=10``; an override of ``method`` or ``model.*``, or one
+that changes the shapes of the saved state, e.g. a ViT's ``aug.view1.size``, is refused naming
+the key, as are bad ``eval.*`` values, before anything is restored), restores the chosen
+checkpoint, extracts features of the train and test splits without augmentation, and runs (a) a
+linear probe whose learning rate and weight decay are chosen on a held-out part of the TRAIN
+split, reporting test top-1, and (b) weighted kNN (k=20, T=0.07, as in DINO). It does the same
+for a randomly initialised encoder of the same architecture, prints both side by side, and
+writes ``DIR/eval.json`` (kept per step: earlier results are never overwritten). When the
+encoder is a ViT it also writes ``DIR/attention_step{N}.png``: the last block's cls-token
+attention of every head for a few test images (``ssl_jax.evaluate.pictures``). A visual tokenizer
+(the dVAE) also gets its hard-code reconstruction error and code usage on the test split and
 ``DIR/token_usage_step{N}.png`` (``ssl_jax.evaluate.tokenizer``).
 """
 
@@ -22,21 +24,28 @@ import sys
 import time
 from typing import Any
 
+import jax
+import ml_collections
 from absl import flags, logging
 from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import parallel
+from ssl_jax import methods, parallel
+from ssl_jax.config import ConfigError, require
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
-from ssl_jax.evaluate.linear_probe import linear_probe
+from ssl_jax.evaluate.linear_probe import NORMALIZE_MODES, linear_probe
 from ssl_jax.evaluate.pictures import write_attention_pictures, write_method_pictures
 from ssl_jax.evaluate.tokenizer import evaluate_tokenizer
 from ssl_jax.models.vit import ViT
+from ssl_jax.step import build_state
 
 _OVERRIDES: list[str] = []
+# Override prefixes that leave the checkpointed state's shapes alone: evaluation settings, where
+# the data lies and its splits, the seed, the device layout.
+_STATE_NEUTRAL = ("eval.", "data.", "seed=", "mesh.", "sharding_rules=")
 
 
 def evaluate_encoder(encoder, variables, config, mesh, seed: int) -> dict[str, Any]:
@@ -71,11 +80,71 @@ def evaluate_encoder(encoder, variables, config, mesh, seed: int) -> dict[str, A
     }
 
 
+def check_eval_config(config: ml_collections.ConfigDict, mesh: Any) -> None:
+    """The ``eval`` keys, before anything is restored or read."""
+    ev = config.eval
+    require(ev.step >= -1, "eval.step", "must be a checkpoint step, or -1 for the latest")
+    require(ev.batch_size > 0 and ev.batch_size % mesh.size == 0, "eval.batch_size",
+            f"must be a positive multiple of the device count {mesh.size}")
+    require(ev.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    require(ev.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    require(ev.probe_normalize in NORMALIZE_MODES, "eval.probe_normalize",
+            f"must be one of {', '.join(NORMALIZE_MODES)}")
+    require(ev.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
+    require(0.0 <= ev.probe_val_fraction < 1.0, "eval.probe_val_fraction", "must lie in [0, 1)")
+    require(0.0 < ev.label_fraction <= 1.0, "eval.label_fraction", "must lie in (0, 1]")
+    for key in ("max_train_examples", "max_test_examples", "attention_images"):
+        require(ev.get(key, 0) >= 0, f"eval.{key}", "must be >= 0 (0: none or all)")
+
+
+def _state_shapes(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
+    """``{path: (shape, dtype)}`` of the state a run of ``config`` checkpoints."""
+    setup = build_state(config, mesh, methods.create(config, mesh), 1, 1)
+    return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype))
+            for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract)}
+
+
+def check_overrides_fit_run(run: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                            overrides: list[str], mesh: Any, run_json: str) -> None:
+    """Refuses overrides that change the architecture the checkpoints were saved with, naming
+    the key (rather than letting the restore fail on a shape deep in the checkpoint)."""
+    def fields(value: Any) -> dict[str, Any]:
+        return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else {"": value}
+
+    for key in ckpt_lib.IDENTITY_KEYS:
+        saved, now = fields(run.get(key)), fields(config.get(key))
+        for name in sorted(set(saved) | set(now)):
+            if saved.get(name, "<unset>") != now.get(name, "<unset>"):
+                full = ".".join(filter(None, (key, name)))
+                raise ConfigError(
+                    f"config.{full}={now.get(name, '<unset>')!r} does not match the run, which "
+                    f"has {full}={saved.get(name, '<unset>')!r} (from {run_json}): evaluation "
+                    "restores the encoder as it was trained, so drop that override")
+    risky = [item for item in overrides if not item.startswith(_STATE_NEUTRAL)]
+    if not risky:
+        return
+    saved = _state_shapes(run, mesh)
+    for item in risky:
+        trial = config_lib.from_json(config_lib.to_json(run))
+        config_lib.apply_overrides(trial, [item])
+        shapes = _state_shapes(trial, mesh)
+        for path in sorted(set(saved) | set(shapes)):
+            if saved.get(path) != shapes.get(path):
+                raise ConfigError(
+                    f"--config.{item} changes the checkpointed state ({path}: "
+                    f"{saved.get(path, 'missing')} in the run of {run_json}, "
+                    f"{shapes.get(path, 'missing')} with the override), so no checkpoint "
+                    "restores with it: drop that override")
+
+
 def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     workdir = ckpt_lib.workdir_path(workdir)
-    config = ckpt_lib.load_run_config(workdir)
+    run = ckpt_lib.load_run_config(workdir)
+    config = config_lib.from_json(config_lib.to_json(run))
     config_lib.apply_overrides(config, overrides)
     mesh = parallel.make_mesh(config.mesh.fsdp)
+    check_eval_config(config, mesh)
+    check_overrides_fit_run(run, config, list(overrides), mesh, str(workdir / "config.json"))
     method, state, step = features_lib.restore_state(workdir, config, mesh, config.eval.step)
     variables = method.encoder_variables(state["params"], state["extra"])
     logging.info("evaluating %s at step %d", workdir, step)

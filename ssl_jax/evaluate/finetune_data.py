@@ -88,12 +88,12 @@ def labelled_train_loader(
     source = SubsetSource(make_source(data_cfg, data_cfg.train_split), indices)
     return grain.DataLoader(
         data_source=pipeline.DecodedSource(source, data_cfg.image_size),
-        sampler=pipeline.GlobalShuffleSampler(len(source), int(seed)),
+        sampler=pipeline.GlobalShuffleSampler(len(source), int(seed), local_batch,
+                                              process_index, process_count),
         operations=[pipeline._KeepDecodable(),
                     grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)],
         worker_count=data_cfg.num_workers,
         worker_buffer_size=data_cfg.get("prefetch", 2),
-        shard_options=grain.sharding.ShardOptions(process_index, process_count,
-                                                  drop_remainder=True),
+        shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
         read_options=pipeline._read_options(local_batch),
     )

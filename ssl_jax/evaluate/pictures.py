@@ -36,6 +36,12 @@ TILE = 96  # pixels per picture tile
 GAP = 2  # white pixels between tiles
 
 
+def save_png(image: Image.Image, path: epath.PathLike) -> None:
+    """Writes ``image`` as PNG through epath, so a ``gs://`` workdir works like a local one."""
+    with epath.Path(path).open("wb") as f:
+        image.save(f, format="PNG")
+
+
 def colorize(values: np.ndarray) -> np.ndarray:
     """``[h, w]`` floats in [0, 1] -> ``[h, w, 3]`` uint8 through :data:`COLOR_ANCHORS`."""
     x = np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (len(COLOR_ANCHORS) - 1)
@@ -136,7 +142,7 @@ def write_attention_pictures(
         return None
     path = epath.Path(workdir) / f"attention_step{step}.png"
     if parallel.is_main_process():
-        attention_figure(pixels[mask], maps[mask]).save(str(path))
+        save_png(attention_figure(pixels[mask], maps[mask]), path)
     return str(path)
 
 
@@ -186,5 +192,5 @@ def write_method_pictures(
     path = epath.Path(workdir) / f"reconstruction_step{step}.png"
     if parallel.is_main_process():
         panels = {name: np.asarray(c)[mask] for name, c in zip(names, columns, strict=True)}
-        panels_figure(panels).save(str(path))
+        save_png(panels_figure(panels), path)
     return str(path)

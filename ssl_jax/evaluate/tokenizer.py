@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from ssl_jax import parallel
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate.features import eval_view
+from ssl_jax.evaluate.pictures import save_png
 
 PLOT_WIDTH = 512  # pixels of a histogram panel's plot area
 PLOT_HEIGHT = 160
@@ -94,8 +95,8 @@ def evaluate_tokenizer(
                "vocab_size": vocab, **usage_statistics(counts)}
     path = epath.Path(workdir) / f"token_usage_step{step}.png"
     if parallel.is_main_process():
-        usage_figure(counts, title=f"step {step}: {results['tokens_used']} of {vocab} tokens "
-                     f"used, perplexity {results['code_perplexity']:.1f}").save(str(path))
+        save_png(usage_figure(counts, title=f"step {step}: {results['tokens_used']} of {vocab} "
+                              f"tokens used, perplexity {results['code_perplexity']:.1f}"), path)
     results["token_usage_picture"] = str(path)
     return results
 

@@ -10,12 +10,15 @@ whole in every checkpoint beside the parameters.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import Mesh
+
+from ssl_jax.config import ConfigError
 
 Params = Any
 Extra = Any
@@ -59,8 +62,21 @@ def create(
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":
             raise
-        raise ValueError(
+        raise ConfigError(
             f"config.method={name!r} is not a method of ssl_jax: expected a module "
             f"ssl_jax/methods/{name}.py"
         ) from None
+    _check_vit_grid(config)
     return module.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def _check_vit_grid(config: ml_collections.ConfigDict) -> None:
+    """A ViT's patches must tile its input, the ``aug.view1`` crop; named before any tracing."""
+    match = re.fullmatch(r"vit_[a-z]+(\d+)", str(config.get("model", {}).get("name", "")))
+    view = config.get("aug", {}).get("view1")
+    if match and view is not None and (int(match.group(1)) < 1
+                                       or view.size % int(match.group(1))):
+        raise ConfigError(
+            f"config.aug.view1.size={view.size} (the ViT's input side) must be a multiple of the "
+            f"patch size {match.group(1)} of model.name={config.model.name!r}: change one of "
+            "them")
