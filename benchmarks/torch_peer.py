@@ -1,0 +1,478 @@
+"""The PyTorch side of ``benchmarks/vs_torch.py``: the same method's train step written with the
+peers' libraries (timm models, lightly losses, heads and LARS), driven over a pipe.
+
+Runs under the peers' Python (``bash ../shared/peers/setup.sh /tmp/peers``) and never imports
+JAX. Protocol, one JSON object per line: the first line on stdin is the spec that vs_torch.py
+derives from the project's config; this process builds an eager step and a ``torch.compile``-d
+one (same initial weights), answers ``{"ready": ...}``, then answers every
+``{"mode": "eager"|"compile", "steps": K}`` with ``{"times": [seconds per step]}``;
+``{"quit": true}`` ends it.
+
+A step is what the project's jitted step does: batched augmentation of uint8 images on the
+device (here: the CPU) with per-example random parameters, the forward pass(es), the loss, the
+backward pass and the optimizer update (plus the method's EMA teacher / centre). Augmentation is
+written as batched tensor ops (kornia-style: crop and flip as one ``affine_grid`` +
+``grid_sample``, colour jitter, grayscale, separable Gaussian blur, solarize), the form a
+GPU-resident torch pipeline takes, so that both sides do the same work inside the timed step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+LUMA = torch.tensor((0.2989, 0.587, 0.114)).view(1, 3, 1, 1)
+
+
+# --- Batched augmentation ([B, 3, H, W] float in [0, 1]) ---------------------------------------
+def crop_theta(b: int, h: int, w: int, view: dict) -> torch.Tensor:
+    """RandomResizedCrop boxes (one draw per example, clamped to fit) and horizontal flips as
+    ``affine_grid`` matrices ``[b, 2, 3]`` (half-pixel centres)."""
+    area = h * w * torch.empty(b).uniform_(*view["crop_scale"])
+    log_r = torch.empty(b).uniform_(*(math.log(r) for r in view["crop_ratio"]))
+    cw = torch.sqrt(area * log_r.exp()).round().clamp(1, w)
+    ch = torch.sqrt(area / log_r.exp()).round().clamp(1, h)
+    left = (torch.rand(b) * (w - cw + 1)).floor()
+    top = (torch.rand(b) * (h - ch + 1)).floor()
+    sx = cw / w
+    if view["flip"]:
+        sx = torch.where(torch.rand(b) < 0.5, -sx, sx)
+    zero = torch.zeros(b)
+    return torch.stack([torch.stack([sx, zero, (2 * left + cw) / w - 1], 1),
+                        torch.stack([zero, ch / h, (2 * top + ch) / h - 1], 1)], 1)
+
+
+def resample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resampling of ``x [B, 3, H, W]`` through ``theta`` to ``[B, 3, size, size]``."""
+    grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _per_example(b: int, p: float) -> torch.Tensor:
+    return (torch.rand(b) < p).view(b, 1, 1, 1)
+
+
+def _uniform(b: int, low: float, high: float) -> torch.Tensor:
+    return torch.empty(b).uniform_(low, high).view(b, 1, 1, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    cr = maxc - minc
+    s = cr / torch.where(cr == maxc, torch.ones_like(maxc), maxc)
+    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int32) % 6
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    mask = i.unsqueeze(1) == torch.arange(6, dtype=torch.int32).view(-1, 1, 1)
+    a = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p),
+                                                 (p, p, t, v, v, q))], 1)  # [B, 3, 6, H, W]
+    return torch.einsum("bijk,bxijk->bxjk", mask.to(x.dtype), a)
+
+
+def jitter_params(b: int, view: dict) -> dict:
+    """Per-example ColorJitter factors (torchvision's ranges) and whether it applies (p)."""
+    bright, contrast, sat, hue = view["jitter"]
+    params = {"apply": _per_example(b, view["jitter_p"])}
+    for name, v in (("brightness", bright), ("contrast", contrast), ("saturation", sat)):
+        if v > 0:
+            params[name] = _uniform(b, max(0, 1 - v), 1 + v)
+    if hue > 0:
+        params["hue"] = _uniform(b, -hue, hue).view(b, 1, 1)
+    return params
+
+
+def color_jitter(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """torchvision's ColorJitter (fixed op order) where ``params['apply']``."""
+    y = x
+    if "brightness" in params:
+        y = (y * params["brightness"]).clamp(0, 1)
+    if "contrast" in params:
+        mean = (y * LUMA).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        y = (params["contrast"] * y + (1 - params["contrast"]) * mean).clamp(0, 1)
+    if "saturation" in params:
+        gray = (y * LUMA).sum(1, keepdim=True)
+        y = (params["saturation"] * y + (1 - params["saturation"]) * gray).clamp(0, 1)
+    if "hue" in params:
+        hsv = rgb_to_hsv(y)
+        hsv = torch.stack((torch.fmod(hsv[:, 0] + params["hue"] + 1.0, 1.0), hsv[:, 1],
+                           hsv[:, 2]), 1)
+        y = hsv_to_rgb(hsv).clamp(0, 1)
+    return torch.where(params["apply"], y, x)
+
+
+def gaussian_blur(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Separable Gaussian blur, sigma ~ U(0.1, 2), SimCLR's kernel size, reflect padding."""
+    b, c, h, w = x.shape
+    radius = min(max(1, (h // 10) // 2), h - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    sigma = torch.empty(b, 1).uniform_(0.1, 2.0)
+    k = torch.exp(-(taps**2) / (2 * sigma**2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [b * c, taps]
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, h, w)
+    return torch.where(_per_example(b, p), y, x)
+
+
+def augment(images: torch.Tensor, view: dict, sizes: tuple[int, ...] = ()) -> list:
+    """uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, s, s]`` views, one per size in
+    ``sizes`` (default: the view's), all of the same random crop, flip and colour jitter."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    b, _, h, w = x.shape
+    theta = crop_theta(b, h, w, view)
+    jitter = view["jitter_p"] > 0 and any(v > 0 for v in view["jitter"])
+    params = jitter_params(b, view) if jitter else None
+    outs = []
+    for size in sizes or (view["size"],):
+        y = resample(x, theta, size)
+        if jitter:
+            y = color_jitter(y, params)
+        if view["grayscale_p"] > 0:
+            gray = (y * LUMA).sum(1, keepdim=True).expand_as(y)
+            y = torch.where(_per_example(b, view["grayscale_p"]), gray, y)
+        if view["blur_p"] > 0:
+            y = gaussian_blur(y, view["blur_p"])
+        if view["solarize_p"] > 0:
+            y = torch.where(_per_example(b, view["solarize_p"]) & (y >= 0.5), 1 - y, y)
+        outs.append((y - MEAN) / STD)
+    return outs
+
+
+# --- Models ----------------------------------------------------------------------------------
+def vit(spec: dict, drop_path: float | None = None, **kw):
+    import timm.models.vision_transformer as tv
+
+    m = spec["model"]
+    return tv.VisionTransformer(
+        img_size=spec["image_size"], patch_size=m["patch"], embed_dim=m["dim"], depth=m["depth"],
+        num_heads=m["heads"], mlp_ratio=m["mlp_ratio"], num_classes=0,
+        drop_path_rate=m["drop_path"] if drop_path is None else drop_path, **kw)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def embed(pos):
+        angles = pos.reshape(-1, 1).double() * omega
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    return torch.cat([embed(cols), embed(rows)], 1).float()[None]
+
+
+class MAE(nn.Module):
+    """MAE as its reference code (models_mae.py): timm PatchEmbed and Blocks, random masking by
+    argsort of noise, a light decoder, MSE on masked patches of per-patch normalised pixels."""
+
+    def __init__(self, spec: dict):
+        from timm.models.vision_transformer import Block, PatchEmbed
+
+        super().__init__()
+        m, c = spec["model"], spec["mae"]
+        self.patch, self.ratio, self.norm_pix = m["patch"], c["mask_ratio"], c["norm_pix"]
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_embed = PatchEmbed(spec["image_size"], m["patch"], 3, m["dim"])
+        grid = spec["image_size"] // m["patch"]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, m["dim"]))
+        self.register_buffer("pos", sincos_2d(m["dim"], grid))
+        self.blocks = nn.ModuleList(Block(m["dim"], m["heads"], m["mlp_ratio"], qkv_bias=True,
+                                          norm_layer=norm) for _ in range(m["depth"]))
+        self.norm = norm(m["dim"])
+        d = c["decoder_dim"]
+        self.decoder_embed = nn.Linear(m["dim"], d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_buffer("dec_pos", sincos_2d(d, grid))
+        self.decoder_blocks = nn.ModuleList(Block(d, c["decoder_heads"], 4.0, qkv_bias=True,
+                                                  norm_layer=norm)
+                                            for _ in range(c["decoder_depth"]))
+        self.decoder_norm = norm(d)
+        self.decoder_pred = nn.Linear(d, m["patch"] ** 2 * 3)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(imgs) + self.pos
+        n, length, dim = x.shape
+        keep = int(length * (1 - self.ratio))
+        ids_shuffle = torch.argsort(torch.rand(n, length), dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, dim))
+        mask = torch.ones(n, length)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        fill = self.mask_token.expand(n, length - keep, -1)
+        y = torch.cat([x[:, 1:], fill], 1)
+        y = torch.gather(y, 1, ids_restore[:, :, None].expand(-1, -1, y.shape[2])) + self.dec_pos
+        y = torch.cat([x[:, :1], y], 1)
+        for blk in self.decoder_blocks:
+            y = blk(y)
+        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]
+        p = self.patch
+        t = imgs.reshape(n, 3, imgs.shape[2] // p, p, imgs.shape[3] // p, p)
+        target = torch.einsum("nchpwq->nhwpqc", t).reshape(n, length, p * p * 3)
+        if self.norm_pix:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(-1)
+        return (loss * mask).sum() / mask.sum()
+
+
+class DVAEEncoder(nn.Module):
+    """The project's dVAE encoder (ssl_jax/models/dvae.py) in torch: BEiT's frozen tokenizer."""
+
+    def __init__(self, vocab: int, hidden: int, downsample: int, res_blocks: int):
+        super().__init__()
+        widths = [hidden * 2**i for i in range(downsample + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for i, w in enumerate(widths):
+            layers += [ResBlock(w) for _ in range(res_blocks)]
+            if i < downsample:
+                layers.append(nn.Conv2d(w, widths[i + 1], 3, stride=2, padding=1))
+        layers += [nn.ReLU(), nn.Conv2d(widths[-1], vocab, 1)]
+        gain = 1.0 / max((downsample + 1) * res_blocks, 1) ** 2  # DALL-E's post-gain
+        for layer in layers:
+            if isinstance(layer, ResBlock):
+                layer.gain = gain
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(2).argmax(1)  # [B, grid * grid], row-major
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        h = max(width // 4, 1)
+        convs = [nn.Conv2d(width, h, 3, padding=1), nn.Conv2d(h, h, 3, padding=1),
+                 nn.Conv2d(h, h, 3, padding=1), nn.Conv2d(h, width, 1)]
+        self.f = nn.Sequential(*(m for c in convs for m in (nn.ReLU(), c)))
+        self.gain = 1.0
+
+    def forward(self, x):
+        return x + self.gain * self.f(x)
+
+
+class BEiT(nn.Module):
+    """timm's Beit (shared relative position bias, layer scale, no absolute position embedding)
+    with a mask token and a linear head over the visual tokens; CE at masked positions."""
+
+    def __init__(self, spec: dict):
+        from timm.models.beit import Beit
+
+        super().__init__()
+        m, c = spec["model"], spec["beit"]
+        self.beit = Beit(img_size=spec["image_size"], patch_size=m["patch"], embed_dim=m["dim"],
+                         depth=m["depth"], num_heads=m["heads"], mlp_ratio=m["mlp_ratio"],
+                         num_classes=0, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
+                         init_values=m["layer_scale"], drop_path_rate=m["drop_path"])
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, m["dim"]))
+        self.head = nn.Linear(m["dim"], c["vocab"])
+        self.num_masked = c["num_masked"]
+        self.tokenizer = DVAEEncoder(c["vocab"], c["tok_hidden"], c["tok_downsample"],
+                                     c["tok_res_blocks"]).requires_grad_(False)
+
+    def forward(self, view: torch.Tensor, tok_view: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            targets = self.tokenizer(tok_view)
+        b = self.beit
+        x = b.patch_embed(view)
+        n, length, _ = x.shape
+        # BEiT's sampler draws blocks on the host; here the same count of random patches.
+        mask = torch.argsort(torch.rand(n, length), 1) < self.num_masked
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token * w
+        x = torch.cat((b.cls_token.expand(n, -1, -1), x), 1)
+        bias = b.rel_pos_bias()
+        for blk in b.blocks:
+            x = blk(x, shared_rel_pos_bias=bias)
+        logits = self.head(b.norm(x)[:, 1:])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             reduction="none")
+        mask = mask.reshape(-1).to(ce.dtype)
+        return (ce * mask).sum() / mask.sum()
+
+
+def cifar_resnet18(width: float):
+    import timm
+
+    net = timm.create_model("resnet18", num_classes=0)
+    if width != 1.0:  # a narrower ResNet-18 (the project's width_multiplier)
+        from timm.models.resnet import BasicBlock, ResNet
+
+        net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=0, stem_width=round(64 * width),
+                     channels=tuple(round(c * width) for c in (64, 128, 256, 512)))
+    net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+# --- The methods: (modules to train, loss closure, optimizer, after-step hook) ----------------
+def build(spec: dict):
+    method, batch = spec["method"], spec["batch_size"]
+    views = spec["views"]
+    if method == "simclr":
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules.heads import SimCLRProjectionHead
+        from lightly.utils.lars import LARS
+
+        c = spec["simclr"]
+        net = nn.Sequential(cifar_resnet18(spec["model"]["width"]))
+        feats = net[0].num_features
+        head = SimCLRProjectionHead(feats, c["hidden"], c["out"], num_layers=c["layers"])
+        model = nn.ModuleDict({"net": net, "head": head})
+        criterion = NTXentLoss(temperature=c["temperature"])
+
+        def loss_fn(images):
+            x0, x1 = augment(images, views[0])[0], augment(images, views[1])[0]
+            z = model["head"](model["net"](torch.cat([x0, x1])))
+            return criterion(z[:batch], z[batch:])
+
+        opt = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
+        return model, loss_fn, opt, lambda: None
+
+    if method == "mae":
+        model = MAE(spec)
+
+        def loss_fn(images):
+            return model(augment(images, views[0])[0])
+
+    elif method == "beit":
+        model = BEiT(spec)
+        tok_size = spec["beit"]["tok_size"]
+
+        def loss_fn(images):  # the same crop, flip and jitter at two sizes, as the project's
+            return model(*augment(images, views[0], (views[0]["size"], tok_size)))
+
+    elif method == "dino":
+        from lightly.loss import DINOLoss
+        from lightly.models.modules.heads import DINOProjectionHead
+        from lightly.models.utils import update_momentum
+
+        c = spec["dino"]
+
+        def network(drop_path=None):
+            backbone = vit(spec, drop_path, dynamic_img_size=True)
+            head = DINOProjectionHead(spec["model"]["dim"], c["hidden"], c["bottleneck"], c["out"],
+                                      batch_norm=False, freeze_last_layer=1)
+            return nn.Sequential(backbone, head)
+
+        student = network()
+        teacher = network(0.0).requires_grad_(False)
+        teacher.load_state_dict(student.state_dict())
+        model = nn.ModuleDict({"student": student, "teacher": teacher})
+        criterion = DINOLoss(output_dim=c["out"], warmup_teacher_temp=c["teacher_temp"],
+                             teacher_temp=c["teacher_temp"], warmup_teacher_temp_epochs=0,
+                             student_temp=c["student_temp"], center_momentum=c["center_momentum"])
+        model.criterion = criterion
+
+        def loss_fn(images):
+            g = [augment(images, views[i % 2])[0] for i in range(c["global_crops"])]
+            loc = [augment(images, views[2])[0] for _ in range(c["local_crops"])]
+            with torch.no_grad():
+                t_out = model["teacher"](torch.cat(g)).chunk(len(g))
+            s_out = list(model["student"](torch.cat(g)).chunk(len(g)))
+            if loc:
+                s_out += list(model["student"](torch.cat(loc)).chunk(len(loc)))
+            return criterion(list(t_out), s_out)
+
+        def after_step():
+            update_momentum(model["student"], model["teacher"], m=0.996)
+
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.04)
+        return model, loss_fn, opt, after_step
+    else:
+        raise ValueError(f"no torch peer for method {method!r}")
+    o = spec["optim"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(o["b1"], o["b2"]),
+                            weight_decay=o["weight_decay"])
+    return model, loss_fn, opt, lambda: None
+
+
+def make_step(spec: dict, compiled: bool):
+    torch.manual_seed(0)
+    model, loss_fn, opt, after_step = build(spec)
+    model.train()
+    forward = torch.compile(loss_fn) if compiled else loss_fn
+    o = spec["optim"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    dino = spec["method"] == "dino"
+
+    def step(images):
+        opt.zero_grad(set_to_none=True)
+        loss = forward(images)
+        loss.backward()
+        if dino:
+            model["student"][1].cancel_last_layer_gradients(0)  # frozen in the first epoch
+        if o["clip"] > 0:
+            grads = [p.grad for p in params if p.grad is not None]
+            if o["clip_kind"] == "per_parameter":  # DINO's clip_gradients
+                norms = torch._foreach_norm(grads)
+                torch._foreach_mul_(grads, [(o["clip"] / (n + 1e-6)).clamp(max=1) for n in norms])
+            else:
+                torch.nn.utils.clip_grad_norm_(params, o["clip"])
+        opt.step()
+        after_step()
+        return loss
+
+    return step
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.readline())
+    torch.set_num_threads(spec.get("threads", 2))
+    torch.set_flush_denormal(spec.get("flush_denormal", True))
+    size = spec["data_image_size"]
+    images = torch.randint(0, 256, (spec["batch_size"], size, size, 3), dtype=torch.uint8)
+    steps = {"eager": make_step(spec, False), "compile": make_step(spec, True)}
+    ready = {}
+    for mode, step in steps.items():
+        start = time.perf_counter()
+        step(images)  # torch.compile compiles here
+        ready[f"first_step_s_{mode}"] = time.perf_counter() - start
+        for _ in range(spec.get("warmup", 1)):
+            step(images)
+    ready["threads"] = torch.get_num_threads()
+    ready["cores"] = len(os.sched_getaffinity(0))
+    ready["torch"] = torch.__version__
+    print(json.dumps({"ready": ready}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        step, times = steps[cmd["mode"]], []
+        for _ in range(cmd["steps"]):
+            start = time.perf_counter()
+            step(images)
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"times": times}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The throughput harness and the FLOP counting behind the trainer's 'mfu' metric."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import throughput
+from ssl_jax import flops
+
+
+def test_flops_of_a_matmul_are_2mnk():
+    m, n, k = 64, 48, 80
+    step = flops.CountedStep(jax.jit(lambda a, b: a @ b))
+    out = step(jnp.ones((m, k)), jnp.ones((k, n)))
+    assert out.shape == (m, n)
+    assert step.flops == 2 * m * n * k
+    step(jnp.ones((m, k)), jnp.ones((k, n)))  # the compiled executable is reused
+    assert step.compiled is not None
+
+
+def test_measured_peak_and_mfu():
+    peak = flops.matmul_peak_flops(256, repeats=2)
+    assert math.isfinite(peak) and peak > 0
+    assert flops.mfu(2e9, 0.5, 4e9) == pytest.approx(0.25)
+    assert flops.mfu_metric(math.nan, 1.0, peak) == {}
+
+
+def test_harness_reports_positive_finite_figures():
+    config = throughput.load_config("configs/mae.py:data=digits,runlocal",
+                                    {"batch_size": 8, "model.depth": 1})
+    result = throughput.measure(config, steps=2, warmup=0, rounds=1, peak_size=256)
+    for key in ("compile_s", "step_ms", "images_per_sec", "gflops_per_image",
+                "achieved_gflops_per_sec", "peak_gflops_per_sec", "mfu"):
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    assert result["steps_timed"] == 2
+    assert json.loads(throughput.report(config, result).splitlines()[-1])["method"] == "mae"
+
+
+def test_trainer_logs_mfu(trained_run):
+    _, workdir = trained_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(isinstance(r["mfu"], float) and r["mfu"] > 0 for r in rows)
+
