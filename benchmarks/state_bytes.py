@@ -22,15 +22,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.throughput import load_config  # noqa: E402
 from ssl_jax import methods, parallel  # noqa: E402
 from ssl_jax.step import build_state  # noqa: E402
 
@@ -44,23 +43,6 @@ PARTS = ("params", "opt_state", "extra")
 FSDP_SIZES = (1, 8)
 
 
-def load_config(spec: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """``configs/X.py[:arg]`` -> its ``get_config(arg)`` with top-level or ``a.b`` keys set."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_state_bytes_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    with config.unlocked():
-        for key, value in overrides.items():
-            *sections, name = key.split(".")
-            target = config
-            for part in sections:
-                target = target[part]
-            target[name] = value
-    return config
-
-
 def device_bytes(abstract: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the most loaded device)."""
     return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
@@ -70,7 +52,7 @@ def device_bytes(abstract: Any) -> int:
 def state_layout(spec: str, fsdp: int) -> tuple[Any, Any]:
     """``(config, abstract state)`` of config ``spec`` laid out over ``fsdp``-way FSDP."""
     rules = ((".*", "fsdp"),) if fsdp > 1 else ((".*", "replicate"),)
-    config = load_config(spec, **{"mesh.fsdp": fsdp, "sharding_rules": rules})
+    config = load_config(spec, {"mesh.fsdp": fsdp, "sharding_rules": rules})
     mesh = parallel.make_mesh(fsdp)
     steps_per_epoch = 1000  # schedules only; shapes do not depend on them
     total = int(config.num_epochs * steps_per_epoch)

@@ -51,12 +51,7 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
     with config.unlocked():
-        for key, value in (overrides or {}).items():
-            *sections, name = key.split(".")
-            target = config
-            for part in sections:
-                target = target[part]
-            target[name] = value
+        config.update_from_flattened_dict(overrides or {})
     return config
 
 

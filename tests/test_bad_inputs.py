@@ -31,12 +31,7 @@ RUNLOCAL = "data=digits,runlocal"
 def _config(arg=RUNLOCAL, **changes):
     config = simclr_config.get_config(arg)
     with config.unlocked():
-        for key, value in changes.items():
-            *parents, leaf = key.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        config.update_from_flattened_dict(changes)
     return config
 
 
