@@ -44,3 +44,50 @@ def test_trainer_logs_mfu(trained_run):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(r["mfu"], float) and r["mfu"] > 0 for r in rows)
 
+
+def test_fast_dense_and_gelu_match_flax():
+    import flax.linen as nn
+    import numpy as np
+
+    from ssl_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (4, 5, 12))
+    def grads(module, params, x):
+        loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    for features in (7, 30):  # out < in and out > in: both weight-gradient branches
+        params = nn.Dense(features).init(jax.random.key(1), x)
+        ref = grads(nn.Dense(features), params, x)
+        fast = grads(layers.Dense(features), params, x)
+        for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    h = jnp.linspace(-8.0, 8.0, 101)
+    np.testing.assert_allclose(layers.gelu(h), jax.nn.gelu(h, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda h: layers.gelu(h).sum())(h),
+                               jax.grad(lambda h: jax.nn.gelu(h, approximate=False).sum())(h),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_matches_dot_product_attention(with_bias):
+    import numpy as np
+
+    from ssl_jax.models.vit import Attention
+
+    dim, heads, tokens = 24, 3, 9
+    x = jax.random.normal(jax.random.key(0), (2, tokens, dim))
+    bias = jax.random.normal(jax.random.key(1), (1, heads, tokens, tokens)) if with_bias else None
+    module = Attention(dim, heads)
+    params = module.init(jax.random.key(2), x, bias)
+    p = params["params"]
+    qkv = (x @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, tokens, 3, heads, dim // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    ref = jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(2, tokens, dim)
+    ref = ref @ p["proj"]["kernel"] + p["proj"]["bias"]
+    np.testing.assert_allclose(module.apply(params, x, bias), ref, rtol=1e-5, atol=1e-5)
+    weights = module.apply(params, x, bias, return_weights=True)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim // heads)
+    expected = jax.nn.softmax(logits + (0.0 if bias is None else bias), axis=-1)
+    np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-6)
