@@ -37,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import flops, methods, parallel, presets
+from ssl_jax import allocator, flops, methods, parallel, presets
 from ssl_jax.step import build_state, make_train_step
 
 SIZE_KEYS = ("dim", "depth", "num_heads")
@@ -188,7 +188,8 @@ def measure(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
 def report(config: ml_collections.ConfigDict, result: dict[str, float]) -> str:
     model = config.model.to_dict() if "model" in config else {}
     lines = [f"method={config.method} batch={config.batch_size} devices={jax.device_count()} "
-             f"({jax.devices()[0].device_kind}) model={json.dumps(model, default=str)}"]
+             f"({jax.devices()[0].device_kind}) allocator={allocator.active()} "
+             f"model={json.dumps(model, default=str)}"]
     lines += [f"  {key:<24} {value:.4g}" for key, value in result.items()]
     lines.append(json.dumps({"method": config.method, **result}))
     return "\n".join(lines)

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ssl_jax import allocator  # noqa: E402  (only os: no JAX in the peers' environment)
+
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 LUMA = torch.tensor((0.2989, 0.587, 0.114)).view(1, 3, 1, 1)
@@ -461,6 +464,7 @@ def main() -> None:
     ready["threads"] = torch.get_num_threads()
     ready["cores"] = len(os.sched_getaffinity(0))
     ready["torch"] = torch.__version__
+    ready["allocator_torch"] = allocator.active()
     print(json.dumps({"ready": ready}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)

@@ -47,7 +47,7 @@ from typing import Any
 import ml_collections
 
 from benchmarks.throughput import StepBench, load_config, summarize
-from ssl_jax import flops
+from ssl_jax import allocator, flops
 from ssl_jax.data import augment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +173,7 @@ def compare(method: str, steps: int, rounds: int, python: str, batch_size: int =
         "ratio_compile_per_round": [round(x, 3) for x in ratios["compile"]],
         "ratio_eager_per_round": [round(x, 3) for x in ratios["eager"]],
         **{k: round(v, 2) if isinstance(v, float) else v for k, v in peer.ready.items()},
+        "allocator_jax": allocator.active(),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
     })
     return result

@@ -37,3 +37,36 @@ check_workdir_and_jobs() {
     esac
   done
 }
+# --malloc MODE (auto|jemalloc|tcmalloc|system) -> MALLOC_ENV, the environment that preloads it.
+# XLA:CPU frees and re-allocates each step's temporaries; glibc returns them to the OS, so the
+# step page-faults them again (ssl_jax/allocator.py). auto: jemalloc, else tcmalloc, else system.
+# Where to look (SSL_JAX_MALLOC_LIB_DIRS, colon-separated, replaces the list: used by the tests).
+IFS=: read -ra MALLOC_LIBS <<<"${SSL_JAX_MALLOC_LIB_DIRS-/usr/lib/x86_64-linux-gnu:/usr/lib/aarch64-linux-gnu:/usr/lib64:/usr/lib}"
+find_malloc() {  # NAME -> path of its shared library, or nothing
+  local dir l lib
+  case $1 in
+    jemalloc) lib=(libjemalloc.so.2) ;;
+    tcmalloc) lib=(libtcmalloc_minimal.so.4 libtcmalloc.so.4) ;;
+  esac
+  for dir in "${MALLOC_LIBS[@]}"; do
+    for l in "${lib[@]}"; do [[ -e $dir/$l ]] && { echo "$dir/$l"; return 0; }; done
+  done
+  return 0
+}
+malloc_env() {  # MODE; sets MALLOC_ENV (VAR=VALUE words for env)
+  local mode=$1 path="" name
+  MALLOC_ENV=()
+  case $mode in
+    system) return ;;
+    auto) for name in jemalloc tcmalloc; do path=$(find_malloc $name); [[ -n $path ]] && break; done
+          [[ -n $path ]] || { warn "no jemalloc/tcmalloc found: CPU steps run ~1.25x slower" \
+            "(apt-get install libjemalloc2, or --malloc system to silence this)"; return; } ;;
+    jemalloc|tcmalloc) name=$mode; path=$(find_malloc "$mode")
+          [[ -n $path ]] || die "--malloc $mode: its library is not installed" \
+            "(apt-get install ${mode/jemalloc/libjemalloc2}; tcmalloc: libtcmalloc-minimal4)" ;;
+    *) die "--malloc: unknown allocator '$mode'; choose from auto, jemalloc, tcmalloc, system" ;;
+  esac
+  MALLOC_ENV=("LD_PRELOAD=$path${LD_PRELOAD:+:$LD_PRELOAD}")
+  [[ $name == jemalloc ]] && MALLOC_ENV+=("MALLOC_CONF=oversize_threshold:0,background_thread:true")
+  return 0
+}

@@ -17,6 +17,9 @@ Options:
   --devices N           force N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
                         JAX_PLATFORMS=cpu), e.g. to try the sharded code paths on a laptop
   --python PY           Python interpreter (default: $PYTHON or python3)
+  --malloc MODE         heap allocator to preload: auto (jemalloc, else tcmalloc, else the
+                        system's), jemalloc, tcmalloc or system (default: auto). XLA:CPU steps
+                        run ~1.25x faster on jemalloc/tcmalloc (ssl_jax/allocator.py)
   --eval-arg ARG        one more argument for ssl_jax.evaluate (repeatable),
                         e.g. --eval-arg=--config.eval.knn_k=10
   --finetune-arg ARG    one more argument for ssl_jax.finetune (repeatable)
@@ -32,7 +35,7 @@ EOF
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-WORKDIR="" CONFIG="" JOBS="train,evaluate" DEVICES="" PY="${PYTHON:-python3}" DRY_RUN=0
+WORKDIR="" CONFIG="" JOBS="train,evaluate" DEVICES="" PY="${PYTHON:-python3}" DRY_RUN=0 MALLOC=auto
 EVAL_ARGS=() FINETUNE_ARGS=() TRAIN_ARGS=()
 while (($#)); do
   if [[ $1 == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi  # --opt=value
@@ -43,6 +46,7 @@ while (($#)); do
     --jobs) require_value "$@"; JOBS=$2; shift 2 ;;
     --devices) require_value "$@"; DEVICES=$2; shift 2 ;;
     --python) require_value "$@"; PY=$2; shift 2 ;;
+    --malloc) require_value "$@"; MALLOC=$2; shift 2 ;;
     --eval-arg) require_value "$@"; EVAL_ARGS+=("$2"); shift 2 ;;
     --finetune-arg) require_value "$@"; FINETUNE_ARGS+=("$2"); shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -61,9 +65,11 @@ if [[ -n $DEVICES ]]; then
   for flag in ${XLA_FLAGS:-}; do  # an inherited device count would fight ours
     [[ $flag == --xla_force_host_platform_device_count=* ]] || xla_flags+="$flag "
   done
-  ENV=(env "XLA_FLAGS=${xla_flags}--xla_force_host_platform_device_count=$DEVICES"
-       JAX_PLATFORMS=cpu)
+  ENV=("XLA_FLAGS=${xla_flags}--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu)
 fi
+malloc_env "$MALLOC"
+ENV+=(${MALLOC_ENV[@]+"${MALLOC_ENV[@]}"})
+((${#ENV[@]})) && ENV=(env "${ENV[@]}")
 
 for job in "${JOB_LIST[@]}"; do
   case $job in

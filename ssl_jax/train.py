@@ -41,8 +41,8 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
+from ssl_jax import allocator, faults, flops, methods, parallel
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import faults, flops, methods, parallel
 from ssl_jax.config import require
 from ssl_jax.data import pipeline
 from ssl_jax.metrics import MetricsWriter
@@ -85,6 +85,8 @@ def _train(
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_global_batch(config.batch_size, mesh)
     logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
+    if (malloc_hint := allocator.hint(jax.default_backend())) is not None:
+        logging.warning(malloc_hint)
 
     # --- Data ---------------------------------------------------------------------------------
     loader = pipeline.train_loader(

@@ -91,3 +91,19 @@ def test_attention_matches_dot_product_attention(with_bias):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim // heads)
     expected = jax.nn.softmax(logits + (0.0 if bias is None else bias), axis=-1)
     np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_allocator_is_read_from_the_mapped_libraries(tmp_path):
+    from ssl_jax import allocator
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f02-7f03 r-xp 0 08:01 2 [heap]\n")
+    assert allocator.active(str(maps)) == "system"
+    assert allocator.hint("cpu", "system") is not None and "jemalloc" in allocator.hint("cpu",
+                                                                                      "system")
+    with maps.open("a") as f:
+        f.write("7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert allocator.active(str(maps)) == "jemalloc"
+    assert allocator.hint("cpu", "jemalloc") is None and allocator.hint("gpu", "system") is None
+    assert allocator.active(str(tmp_path / "missing")) == "system"

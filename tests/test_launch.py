@@ -51,6 +51,7 @@ def recorded_calls(calls: Path) -> list[list[str]]:
 def launch(script: str, *args: str, path: Path | None = None, extra_env: dict | None = None,
            timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["SSL_JAX_MALLOC_LIB_DIRS"] = ""  # no jemalloc/tcmalloc, whatever this machine has
     if path is not None:
         env["PATH"] = f"{path}{os.pathsep}{env['PATH']}"
     env.update(extra_env or {})
@@ -279,6 +280,45 @@ def test_local_dry_run_forces_cpu_devices_and_runs_train_then_evaluate(fake_bin)
     [finetune] = printed(launch("local.sh", "--dry-run", "--workdir", "/tmp/r", "--jobs",
                                 "finetune", path=bin_dir))
     assert finetune == ["python3", "-m", "ssl_jax.finetune", "--workdir", "/tmp/r"]
+
+
+def test_local_malloc_preloads_jemalloc_then_tcmalloc_and_refuses_a_missing_one(fake_bin,
+                                                                                tmp_path):
+    bin_dir, calls = fake_bin
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    (libs / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    args = ("local.sh", "--dry-run", "--workdir", "/tmp/r", "--jobs", "evaluate")
+
+    def env_with(*extra):
+        result = launch(*args, *extra, path=bin_dir, extra_env={
+            "SSL_JAX_MALLOC_LIB_DIRS": f"{tmp_path / 'none'}:{libs}", "LD_PRELOAD": ""})
+        if result.returncode:
+            return result, None
+        cmd = printed(result)[0]
+        return result, env_of(cmd) if cmd[0] == "env" else {}
+
+    result, env = env_with()  # auto: tcmalloc is all there is
+    assert env == {"LD_PRELOAD": f"{libs}/libtcmalloc_minimal.so.4"}, result.stdout
+    (libs / "libjemalloc.so.2").write_bytes(b"")
+    _, env = env_with()  # auto prefers jemalloc, with its configuration
+    assert env == {"LD_PRELOAD": f"{libs}/libjemalloc.so.2",
+                   "MALLOC_CONF": "oversize_threshold:0,background_thread:true"}
+    _, env = env_with("--malloc", "tcmalloc")
+    assert env == {"LD_PRELOAD": f"{libs}/libtcmalloc_minimal.so.4"}
+    result, env = env_with("--malloc=system")
+    assert result.returncode == 0 and env == {}
+    (libs / "libtcmalloc_minimal.so.4").unlink()
+    refused, _ = env_with("--malloc", "tcmalloc")
+    assert refused.returncode == 2 and "libtcmalloc-minimal4" in refused.stderr
+    unknown, _ = env_with("--malloc", "glibc")
+    assert unknown.returncode == 2
+    assert "choose from auto, jemalloc, tcmalloc, system" in unknown.stderr
+    assert recorded_calls(calls) == []
+    # with none installed, auto warns once and runs on the system allocator
+    warned = launch(*args, path=bin_dir)
+    assert printed(warned)[0][0] == "python3"
+    assert "no jemalloc/tcmalloc found" in warned.stderr
 
 
 @pytest.mark.parametrize("script,args,named", [
