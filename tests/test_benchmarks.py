@@ -70,6 +70,34 @@ def test_fast_dense_and_gelu_match_flax():
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel,strides,padding,features", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), 6),     # ResNet 3x3, more outputs than inputs
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 3),     # downsampling 3x3, fewer outputs
+    ((1, 1), (2, 2), "SAME", 8),               # projection shortcut, string padding
+    ((4, 4), (4, 4), "VALID", 5),              # ViT patch embedding
+    ((3, 2), (1, 2), ((2, 0), (0, 1)), 4),     # odd kernel, strides and padding
+])
+def test_fast_conv_matches_flax(kernel, strides, padding, features):
+    import flax.linen as nn
+    import numpy as np
+
+    from ssl_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+    kwargs = {"kernel_size": kernel, "strides": strides, "padding": padding, "use_bias": False}
+    params = nn.Conv(features, **kwargs).init(jax.random.key(1), x)
+
+    def grads(module):
+        loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+        return module.apply(params, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    (out, ref), (fast_out, fast) = grads(nn.Conv(features, **kwargs)), grads(
+        layers.Conv(features, **kwargs))
+    np.testing.assert_allclose(fast_out, out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attention_matches_dot_product_attention(with_bias):
     import numpy as np

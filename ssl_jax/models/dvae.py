@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ssl_jax.models.layers import Conv
+
 
 def group_widths(hidden_dim: int, num_downsample: int) -> tuple[int, ...]:
     """Channels of the ``num_downsample + 1`` groups, ``hidden_dim * 2**i`` for group ``i``
@@ -48,7 +50,7 @@ class ResBlock(nn.Module):
         h = x
         for i, (features, kernel) in enumerate(
                 [(hidden, 3), (hidden, 3), (hidden, 3), (self.width, 1)]):
-            h = nn.Conv(features, (kernel, kernel), dtype=self.dtype, name=f"conv{i}")(nn.relu(h))
+            h = Conv(features, (kernel, kernel), dtype=self.dtype, name=f"conv{i}")(nn.relu(h))
         return x + self.post_gain * h
 
 
@@ -71,11 +73,11 @@ class DVAEEncoder(nn.Module):
     def setup(self) -> None:
         widths = group_widths(self.hidden_dim, self.num_downsample)
         gain = _post_gain(self.num_downsample, self.num_res_blocks)
-        self.stem = nn.Conv(widths[0], (3, 3), dtype=self.dtype)
+        self.stem = Conv(widths[0], (3, 3), dtype=self.dtype)
         self.groups = [[ResBlock(w, gain, self.dtype) for _ in range(self.num_res_blocks)]
                        for w in widths]
-        self.downs = [nn.Conv(w, (3, 3), strides=(2, 2), dtype=self.dtype) for w in widths[1:]]
-        self.to_logits = nn.Conv(self.vocab_size, (1, 1), dtype=self.dtype)
+        self.downs = [Conv(w, (3, 3), strides=(2, 2), dtype=self.dtype) for w in widths[1:]]
+        self.to_logits = Conv(self.vocab_size, (1, 1), dtype=self.dtype)
 
     @property
     def num_features(self) -> int:
@@ -124,17 +126,17 @@ class DVAEDecoder(nn.Module):
         widths = group_widths(self.hidden_dim, self.num_downsample)
         gain = _post_gain(self.num_downsample, self.num_res_blocks)
         # The codebook: one-hot codes select a row of this [V, codebook_dim] kernel.
-        h = nn.Conv(self.codebook_dim, (1, 1), use_bias=False, dtype=self.dtype,
+        h = Conv(self.codebook_dim, (1, 1), use_bias=False, dtype=self.dtype,
                     name="codebook")(codes.astype(self.dtype))
-        h = nn.Conv(widths[-1], (3, 3), dtype=self.dtype, name="stem")(h)
+        h = Conv(widths[-1], (3, 3), dtype=self.dtype, name="stem")(h)
         for i in reversed(range(self.num_downsample + 1)):
             for j in range(self.num_res_blocks):
                 h = ResBlock(widths[i], gain, self.dtype, name=f"group{i}_block{j}")(h)
             if i > 0:
                 b, hh, ww, c = h.shape
                 h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
-                h = nn.Conv(widths[i - 1], (3, 3), dtype=self.dtype, name=f"up{i}")(h)
-        out = nn.Conv(3, (3, 3), dtype=self.dtype, name="to_pixels")(nn.relu(h))
+                h = Conv(widths[i - 1], (3, 3), dtype=self.dtype, name=f"up{i}")(h)
+        out = Conv(3, (3, 3), dtype=self.dtype, name="to_pixels")(nn.relu(h))
         return out.astype(jnp.float32)
 
 

@@ -1,4 +1,4 @@
-"""Dense layers and GELU as the transformers use them, arranged for XLA:CPU's matmul library.
+"""Dense and convolution layers and GELU, arranged for XLA:CPU's matmul library.
 
 Same maths and parameters as ``flax.linen.Dense`` and ``jax.nn.gelu(approximate=False)``; what
 differs is how XLA:CPU runs them (measured in docs/benchmarks.md, "Performance"):
@@ -8,6 +8,13 @@ differs is how XLA:CPU runs them (measured in docs/benchmarks.md, "Performance")
   transposed copies. :func:`dense_dot_general` gives ``nn.Dense`` a custom VJP that transposes
   the narrower operand explicitly (kept apart by an optimization barrier), so that both backward
   matmuls are row-major and run in YNNPACK. Other backends keep ``lax.dot_general``.
+- the weight gradient of a convolution: XLA expresses it as a convolution with the batch as
+  the contracted feature dimension and the image as the window, which XLA:CPU runs at a few
+  GFLOP/s (1.2 s of a 1.9 s ResNet-18 step at batch 32). :func:`conv_general_dilated` gives
+  ``nn.Conv`` a custom VJP whose weight gradient is one matmul of the im2col patches (the
+  ``kh * kw`` shifted, strided views of the padded input side by side) with the output
+  gradient, on the same fast path as the dense layers'. The input gradient and the forward
+  pass stay XLA's own convolutions.
 - :func:`gelu` uses ``erf`` (torch's form) rather than ``erfc``: XLA:CPU's YNNPACK path has an
   ``erf`` kernel, and the ``erfc`` expansion is several times slower.
 """
@@ -32,14 +39,19 @@ def _matmul_fwd(x: jax.Array, w: jax.Array):
     return x @ w, (x, w)
 
 
+def _weight_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
+    """``x2^T g2`` for ``x2 [n, in]``, ``g2 [n, out]`` (a contraction over the long ``n``), with
+    the narrower operand transposed explicitly (kept apart by an optimization barrier so that
+    XLA does not fold it back into the dot): both products are then row-major."""
+    barrier = jax.lax.optimization_barrier
+    if x2.shape[1] <= g2.shape[1]:  # [in, n] @ [n, out]
+        return barrier(x2.T) @ g2
+    return barrier(barrier(g2.T) @ x2).T  # ([out, n] @ [n, in])^T, the small result transposed
+
+
 def _matmul_bwd(residuals, g: jax.Array):
     x, w = residuals
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    barrier = jax.lax.optimization_barrier
-    if x2.shape[1] <= g2.shape[1]:  # transpose the narrower of x and g: [in, n] @ [n, out]
-        dw = barrier(x2.T) @ g2
-    else:  # ([out, n] @ [n, in])^T, the small result transposed after the matmul
-        dw = barrier(barrier(g2.T) @ x2).T
+    dw = _weight_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
     return g @ w.T, dw.astype(w.dtype)
 
 
@@ -61,6 +73,66 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)
 """``nn.Dense`` with :func:`dense_dot_general` (same parameters, same outputs)."""
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
+    """NHWC x HWIO convolution with explicit ``((lo, hi), (lo, hi))`` padding."""
+    return _lax_conv(x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+    return _lax_conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+    x, w = residuals
+    _, input_vjp = jax.vjp(lambda x: _lax_conv(x, w, strides, padding), x)
+    (dx,) = input_vjp(g)
+    kh, kw, cin, cout = w.shape
+    _, out_h, out_w, _ = g.shape
+    (sh, sw) = strides
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    patches = jnp.concatenate([  # [n, out_h, out_w, kh * kw * cin], (i, j, c) order
+        xp[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+        for i in range(kh) for j in range(kw)], axis=-1)
+    dw = _weight_grad(patches.reshape(-1, kh * kw * cin), g.reshape(-1, cout))
+    return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None):
+    """``nn.Conv``'s convolution (``conv_general_dilated=``): :func:`_conv` on CPU for plain
+    NHWC/HWIO convolutions (no dilation, no groups), else ``lax.conv_general_dilated``."""
+    nhwc = (lhs.ndim == 4 and rhs.ndim == 4
+            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if nhwc and isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    plain = (nhwc and jax.default_backend() == "cpu" and feature_group_count == 1
+             and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             and precision is None and lhs.dtype == rhs.dtype)
+    if plain:
+        return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+"""``nn.Conv`` with :func:`conv_general_dilated` (same parameters, same outputs)."""
 
 
 def gelu(x: jax.Array) -> jax.Array:

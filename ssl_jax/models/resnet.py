@@ -20,6 +20,8 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models.layers import Conv
+
 ModuleDef = Callable[..., nn.Module]
 
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -161,7 +163,7 @@ class ResNet(nn.Module):
         chex.assert_rank(x, 4)
         batch = x.shape[0]
         conv = functools.partial(
-            nn.Conv,
+            Conv,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,

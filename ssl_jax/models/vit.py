@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.models.layers import Dense, gelu
+from ssl_jax.models.layers import Conv, Dense, gelu
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "ti": (192, 12, 3),
@@ -329,7 +329,7 @@ class ViT(nn.Module):
 
     def setup(self) -> None:
         self._check_config()
-        self.patch_embed = nn.Conv(
+        self.patch_embed = Conv(
             self.dim,
             (self.patch_size, self.patch_size),
             strides=(self.patch_size, self.patch_size),
