@@ -27,6 +27,12 @@ threads is descheduled). torch flushes denormals to zero, as XLA:CPU does
 ``torch.compile`` wraps the augmentation, forward and loss (its backward is compiled by
 AOTAutograd); the optimizer step stays eager in both torch modes.
 
+Allocators: the JAX side runs on this process's allocator (run the command as the launch scripts
+run the trainer, ``LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,background_
+thread:true``: see ``ssl_jax/allocator.py``); the torch peer runs on the C library's malloc, as
+users run torch (its steps are as fast or faster there), unless ``--torch_malloc=inherit`` gives it
+the same preload. Both are printed (``allocator_jax``, ``allocator_torch``).
+
 Timing: after compilation and warm-up, ``--rounds`` rounds; in each, JAX, torch eager and
 torch.compile run ``--steps`` steps each (the order rotating from round to round), then the
 device's matmul peak is measured for the MFU. Ratios are torch's median step time over JAX's
@@ -58,6 +64,7 @@ METHODS = {  # config, batch
     "beit": ("configs/beit.py:data=cifar10", 64),
 }
 SIDES = ("jax", "eager", "compile")
+MALLOC_ENV = ("LD_PRELOAD", "MALLOC_CONF")
 
 
 def view_spec(view: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -111,8 +118,11 @@ def torch_spec(config: ml_collections.ConfigDict, method: Any) -> dict[str, Any]
 class TorchPeer:
     """The persistent torch subprocess (benchmarks/torch_peer.py under the peers' Python)."""
 
-    def __init__(self, python: str, spec: dict[str, Any]):
+    def __init__(self, python: str, spec: dict[str, Any], inherit_malloc: bool = False):
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+        if not inherit_malloc:  # torch as users run it: the C library's malloc
+            for name in MALLOC_ENV:
+                env.pop(name, None)
         self.proc = subprocess.Popen(
             [python, os.path.join(ROOT, "benchmarks", "torch_peer.py")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env=env)
@@ -137,14 +147,15 @@ class TorchPeer:
 
 
 def compare(method: str, steps: int, rounds: int, python: str, batch_size: int = 0,
-            warmup: int = 2, threads: int = 2, flush_denormal: bool = True) -> dict[str, Any]:
+            warmup: int = 2, threads: int = 2, flush_denormal: bool = True,
+            torch_malloc: str = "system") -> dict[str, Any]:
     spec_path, batch = METHODS[method]
     config = load_config(os.path.join(ROOT, spec_path), {"batch_size": batch_size or batch})
     load_before = os.getloadavg()[0]
     bench = StepBench(config)
     spec = {**torch_spec(config, bench.method), "warmup": warmup, "threads": threads,
             "flush_denormal": flush_denormal}
-    peer = TorchPeer(python, spec)
+    peer = TorchPeer(python, spec, inherit_malloc=torch_malloc == "inherit")
     try:
         bench.compile()
         bench.run(warmup)
@@ -190,6 +201,9 @@ def main() -> None:
                         help="2: both cores each; 1: both sides pinned to one core")
     parser.add_argument("--torch_denormals", action="store_true",
                         help="keep torch's default (no flush of denormals to zero)")
+    parser.add_argument("--torch_malloc", default="system", choices=("system", "inherit"),
+                        help="system: torch without this process's LD_PRELOAD/MALLOC_CONF (as "
+                        "users run it); inherit: the same allocator as the JAX side")
     parser.add_argument("--peers_python", default=os.environ.get(
         "SSL_JAX_PEERS_PYTHON", "/tmp/peers/bin/python"))
     args = parser.parse_args()
@@ -201,7 +215,8 @@ def main() -> None:
     if args.threads == 1:  # before JAX starts its CPU client: its pool then has one core
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     result = compare(args.method, steps, rounds, args.peers_python, args.batch_size,
-                     threads=args.threads, flush_denormal=not args.torch_denormals)
+                     threads=args.threads, flush_denormal=not args.torch_denormals,
+                     torch_malloc=args.torch_malloc)
     for key, value in result.items():
         print(f"  {key:<26} {value:.4g}" if isinstance(value, float) else f"  {key:<26} {value}")
     print(json.dumps({"method": args.method, **result}))
