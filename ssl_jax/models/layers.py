@@ -1,7 +1,7 @@
 """Dense and convolution layers and GELU, arranged for XLA:CPU's matmul library.
 
 Same maths and parameters as ``flax.linen.Dense`` and ``jax.nn.gelu(approximate=False)``; what
-differs is how XLA:CPU runs them (measured in docs/benchmarks.md, "Performance"):
+differs is how XLA:CPU runs them (measured in docs/performance.md):
 
 - the weight gradient ``dW = x^T g`` of a dense layer contracts over the batch*tokens dimension;
   left to itself, XLA:CPU runs it with its generic dot (not YNNPACK's fast matmul) behind
