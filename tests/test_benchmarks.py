@@ -121,6 +121,31 @@ def test_attention_matches_dot_product_attention(with_bias):
     np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 7), (3, 7, 7), (2, 1, 7, 7)])
+def test_attention_vjp_matches_autodiff(bias_shape):
+    import numpy as np
+
+    from ssl_jax.models import layers
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(key, (2, 3, 7, 4)) for key in keys[:3])
+    bias = None if bias_shape is None else jax.random.normal(keys[3], bias_shape)
+    weight = jax.random.normal(keys[4], (2, 7, 3, 4))  # a loss that weighs every output
+
+    def reference(q, k, v, bias):
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) + (0.0 if bias is None else bias)
+        return jnp.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+    args = (q, k, v, bias)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a)) * weight), argnums)(*args)
+             for f in (layers.attention, reference)]
+    np.testing.assert_allclose(layers.attention(*args), reference(*args), rtol=1e-5, atol=1e-6)
+    for fast, ref in zip(*grads, strict=True):
+        assert fast.shape == ref.shape
+        np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_allocator_is_read_from_the_mapped_libraries(tmp_path):
     from ssl_jax import allocator
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.models.layers import Conv, Dense, gelu
+from ssl_jax.models.layers import Conv, Dense, attention, gelu
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "ti": (192, 12, 3),
@@ -183,14 +183,10 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
                    for t in jnp.split(qkv, 3, axis=-1))
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1)
         if return_weights:
-            return weights
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v.dtype), v)
-        out = out.reshape(batch, tokens, self.dim)
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+            return jax.nn.softmax(logits + (0.0 if bias is None else bias), axis=-1)
+        out = attention(q, k, v, bias).reshape(batch, tokens, self.dim)
         return Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="proj")(out)
 
 
