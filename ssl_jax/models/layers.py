@@ -114,7 +114,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None):
     """``nn.Conv``'s convolution (``conv_general_dilated=``): :func:`_conv` on CPU for plain
-    NHWC/HWIO convolutions (no dilation, no groups), else ``lax.conv_general_dilated``."""
+    NHWC/HWIO convolutions (no dilation, no groups, no negative padding), else
+    ``lax.conv_general_dilated``."""
     nhwc = (lhs.ndim == 4 and rhs.ndim == 4
             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
@@ -122,7 +123,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     plain = (nhwc and jax.default_backend() == "cpu" and feature_group_count == 1
              and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and precision is None and lhs.dtype == rhs.dtype)
+             and precision is None and lhs.dtype == rhs.dtype
+             and all(lo >= 0 and hi >= 0 for lo, hi in padding))
     if plain:
         return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
     return jax.lax.conv_general_dilated(
