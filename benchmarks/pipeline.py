@@ -195,12 +195,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     args = flags.FLAGS
-    if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    config = args.config
-    if args.batch_size:
-        with config.unlocked():
-            config.batch_size = args.batch_size
+    config = throughput.flag_config(argv)
     result = measure(config, args.images, args.workers, args.warmup_batches, args.steps,
                      args.warmup, args.rounds, args.aug_calls)
     print(report(config, result))

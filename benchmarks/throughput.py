@@ -195,16 +195,24 @@ def report(config: ml_collections.ConfigDict, result: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def flag_config(argv: list[str]) -> ml_collections.ConfigDict:
+    """The ``--config`` of an absl entry point with its ``--batch_size`` (0: the config's)."""
+    from absl import flags
+
+    if len(argv) > 1:
+        raise flags.Error(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    if flags.FLAGS.batch_size:
+        with config.unlocked():
+            config.batch_size = flags.FLAGS.batch_size
+    return config
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
     args = flags.FLAGS
-    if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    config = args.config
-    if args.batch_size:
-        with config.unlocked():
-            config.batch_size = args.batch_size
+    config = flag_config(argv)
     if args.model:
         set_model(config, args.model)
     result = measure(config, args.steps, args.warmup, args.rounds, args.peak_size or None,

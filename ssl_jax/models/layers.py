@@ -188,8 +188,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
     of them in its generic dot)."""
     if jax.default_backend() == "cpu" and q.dtype == jnp.float32:
         return _attention(q, k, v, None if bias is None else bias.astype(jnp.float32))
+    return jnp.einsum("bhqk,bhkd->bqhd", attention_weights(q, k, bias).astype(v.dtype), v)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T + bias)`` in float32, ``[batch, heads, tokens, tokens]`` (rows sum to 1);
+    shapes as :func:`attention`."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(v.dtype), v)
+    return jax.nn.softmax(logits, axis=-1)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.models.layers import Conv, Dense, attention, gelu
+from ssl_jax.models.layers import Conv, Dense, attention, attention_weights, gelu
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "ti": (192, 12, 3),
@@ -184,8 +184,7 @@ class Attention(nn.Module):
                    for t in jnp.split(qkv, 3, axis=-1))
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
         if return_weights:
-            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-            return jax.nn.softmax(logits + (0.0 if bias is None else bias), axis=-1)
+            return attention_weights(q, k, bias)
         out = attention(q, k, v, bias).reshape(batch, tokens, self.dim)
         return Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="proj")(out)
 
