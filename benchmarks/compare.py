@@ -47,7 +47,8 @@ def worker() -> None:
             cpu = bench.cpu_times[-cmd["steps"]:]
             print(json.dumps({"times": times, "cpu": cpu}), flush=True)
         elif "peak" in cmd:
-            print(json.dumps({"peak": flops.matmul_peak_flops(repeats=3)}), flush=True)
+            peak = flops.matmul_peak_flops(repeats=3, compute_dtype=bench.compute_dtype)
+            print(json.dumps({"peak": peak}), flush=True)
         else:
             break
 

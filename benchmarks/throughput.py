@@ -100,6 +100,7 @@ class StepBench:
             with config.unlocked():
                 config.beit.tokenizer_workdir = random_tokenizer(config)
         self.config = config
+        self.compute_dtype = config.model.get("dtype", "float32")  # of the MFU's peak
         mesh = parallel.make_mesh(config.mesh.fsdp)
         parallel.check_global_batch(config.batch_size, mesh)
         total_steps, steps_per_epoch = run_length(config)
@@ -181,7 +182,8 @@ def measure(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
     step_times, peaks = [], []
     for _ in range(rounds):
         step_times += bench.run(steps)
-        peaks.append(flops.matmul_peak_flops(peak_size, repeats=3))
+        peaks.append(flops.matmul_peak_flops(peak_size, repeats=3,
+                                             compute_dtype=bench.compute_dtype))
     return summarize(bench, step_times, peaks)
 
 

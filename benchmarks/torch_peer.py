@@ -427,9 +427,12 @@ def make_step(spec: dict, compiled: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     dino = spec["method"] == "dino"
 
+    autocast = spec.get("autocast_bf16", False)
+
     def step(images):
         opt.zero_grad(set_to_none=True)
-        loss = forward(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(images)
         loss.backward()
         if dino:
             model["student"][1].cancel_last_layer_gradients(0)  # frozen in the first epoch

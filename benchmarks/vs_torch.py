@@ -25,7 +25,10 @@ for every thread, so on a shared 2-core machine a 2-thread torch step stalls whe
 threads is descheduled). torch flushes denormals to zero, as XLA:CPU does
 (``torch.set_flush_denormal(True)``; ``--torch_denormals`` keeps torch's default).
 ``torch.compile`` wraps the augmentation, forward and loss (its backward is compiled by
-AOTAutograd); the optimizer step stays eager in both torch modes.
+AOTAutograd); the optimizer step stays eager in both torch modes. ``--dtype=bfloat16`` runs the
+project's step with ``config.model.dtype='bfloat16'`` (bfloat16 compute, float32 parameters) and
+torch's forward and loss under ``torch.autocast('cpu', torch.bfloat16)``, the usual way to the
+same mixed precision there; the MFU's peak is then the bfloat16 matmul's.
 
 Allocators: the JAX side runs on this process's allocator (run the command as the launch scripts
 run the trainer, ``LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,background_
@@ -148,13 +151,14 @@ class TorchPeer:
 
 def compare(method: str, steps: int, rounds: int, python: str, batch_size: int = 0,
             warmup: int = 2, threads: int = 2, flush_denormal: bool = True,
-            torch_malloc: str = "system") -> dict[str, Any]:
+            torch_malloc: str = "system", dtype: str = "float32") -> dict[str, Any]:
     spec_path, batch = METHODS[method]
-    config = load_config(os.path.join(ROOT, spec_path), {"batch_size": batch_size or batch})
+    config = load_config(os.path.join(ROOT, spec_path),
+                         {"batch_size": batch_size or batch, "model.dtype": dtype})
     load_before = os.getloadavg()[0]
     bench = StepBench(config)
     spec = {**torch_spec(config, bench.method), "warmup": warmup, "threads": threads,
-            "flush_denormal": flush_denormal}
+            "flush_denormal": flush_denormal, "autocast_bf16": dtype == "bfloat16"}
     peer = TorchPeer(python, spec, inherit_malloc=torch_malloc == "inherit")
     try:
         bench.compile()
@@ -172,7 +176,7 @@ def compare(method: str, steps: int, rounds: int, python: str, batch_size: int =
             for side in ratios:
                 ratios[side].append(statistics.median(this[side])
                                     / statistics.median(this["jax"]))
-            peaks.append(flops.matmul_peak_flops(repeats=3))
+            peaks.append(flops.matmul_peak_flops(repeats=3, compute_dtype=bench.compute_dtype))
     finally:
         peer.close()
     result = summarize(bench, times["jax"], peaks)
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--torch_malloc", default="system", choices=("system", "inherit"),
                         help="system: torch without this process's LD_PRELOAD/MALLOC_CONF (as "
                         "users run it); inherit: the same allocator as the JAX side")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype: the project's config.model.dtype, torch's autocast")
     parser.add_argument("--peers_python", default=os.environ.get(
         "SSL_JAX_PEERS_PYTHON", "/tmp/peers/bin/python"))
     args = parser.parse_args()
@@ -216,7 +222,7 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     result = compare(args.method, steps, rounds, args.peers_python, args.batch_size,
                      threads=args.threads, flush_denormal=not args.torch_denormals,
-                     torch_malloc=args.torch_malloc)
+                     torch_malloc=args.torch_malloc, dtype=args.dtype)
     for key, value in result.items():
         print(f"  {key:<26} {value:.4g}" if isinstance(value, float) else f"  {key:<26} {value}")
     print(json.dumps({"method": args.method, **result}))

@@ -88,6 +88,8 @@ def load_config(
                 value = ml_collections.ConfigDict(value.to_dict())
             if value is not None:
                 config[key] = value
+        if "model" in config and "dtype" not in config.model:  # runs saved before the key
+            config.model.dtype = "float32"
     config_lib.apply_overrides(config, overrides)
     if config.get("recipe") not in (None, run.data.name):
         logging.warning("the fine-tuning recipe is for %s but the run's data is %s",
@@ -131,9 +133,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: Any) -> None:
 def check_model_unchanged(
     config: ml_collections.ConfigDict, run: ml_collections.ConfigDict, source: str, run_json: str
 ) -> None:
-    """Refuses a ``config.model`` that differs from the run's (the encoder in ``source``)."""
+    """Refuses a ``config.model`` that differs from the run's (the encoder in ``source``), but
+    for ``dtype``: fine-tuning may compute in another precision than pre-training did."""
     saved, now = run.model.to_dict(), config.model.to_dict()
-    for key in sorted(set(saved) | set(now)):
+    for key in sorted((set(saved) | set(now)) - {"dtype"}):  # the compute dtype may change
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):
             hint = (" (stochastic depth for fine-tuning is --config.drop_path_rate)"
                     if key == "drop_path_rate" else "")
@@ -202,7 +205,7 @@ def finetune(
     check_model_unchanged(config, run, source, run_json)
 
     # --- Model ------------------------------------------------------------------------------
-    encoder = methods.create(run, mesh).encoder
+    encoder = methods.create(run, mesh).encoder.clone(dtype=methods.model_dtype(config))
     trained_size = classifier_lib.encoder_image_size(encoder)
     if trained_size and config.image_size not in (0, trained_size):
         raise ConfigError(

@@ -6,8 +6,9 @@
   the **whole** train step, forward + backward + optimizer update (and the method's on-device
   augmentation, EMA teacher, ...), of the program one device runs;
 - the peak is **measured**, not a datasheet figure: the median FLOP/s of a large matmul on the
-  same device (float32 on CPU, bfloat16 on GPU/TPU), so an MFU near 1 means the step runs as fast
-  as the device's best dense kernel does on this machine at this moment.
+  same device (on CPU in the model's compute dtype, ``config.model.dtype``: float32, or bfloat16
+  accumulated in float32; bfloat16 on GPU/TPU), so an MFU near 1 means the step runs as fast as
+  the device's best dense kernel for its precision does on this machine at this moment.
 
 The trainer logs ``mfu`` beside ``images_per_sec`` (see :class:`CountedStep` and
 :func:`peak_flops`); ``benchmarks/throughput.py`` reports the same figures for any config.
@@ -41,28 +42,29 @@ def compiled_flops(compiled: Any) -> float:
     return float(flops) if flops is not None and flops >= 0 else math.nan
 
 
-def default_matmul(platform: str) -> tuple[int, Any]:
-    """``(side, dtype)`` of the peak's square matmul: float32 2048 on CPU (what a float32 model
-    computes in), bfloat16 8192 on accelerators (their fast matmul units)."""
+def default_matmul(platform: str, compute_dtype: Any = "float32") -> tuple[int, Any]:
+    """``(side, dtype)`` of the peak's square matmul: 2048 in the model's compute dtype on CPU
+    (float32 or bfloat16), bfloat16 8192 on accelerators (their fast matmul units)."""
     if platform == "cpu":
-        return 2048, jnp.float32
-    return 8192, jnp.bfloat16
+        return 2048, jnp.dtype(compute_dtype)
+    return 8192, jnp.dtype(jnp.bfloat16)
 
 
 def matmul_peak_flops(
     size: int | None = None, dtype: Any = None, repeats: int = 5,
-    device: jax.Device | None = None,
+    device: jax.Device | None = None, compute_dtype: Any = "float32",
 ) -> float:
     """Measured peak of ``device`` (default: the first): the median FLOP/s of ``repeats``
-    timed ``[size, size] @ [size, size]`` products (``2 size^3`` FLOPs each) after one
-    warm-up, each waited for."""
+    timed ``[size, size] @ [size, size]`` products (``2 size^3`` FLOPs each, accumulated and
+    returned in float32, as the models' layers ask) after one warm-up, each waited for.
+    ``size``/``dtype`` default to :func:`default_matmul` for the model's ``compute_dtype``."""
     device = device or jax.devices()[0]
-    side, kind = default_matmul(device.platform)
+    side, kind = default_matmul(device.platform, compute_dtype)
     size, dtype = size or side, dtype or kind
     rng = np.random.default_rng(0)
     a, b = (jax.device_put(jnp.asarray(rng.standard_normal((size, size)), dtype), device)
             for _ in range(2))
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()
     times = []
     for _ in range(max(repeats, 1)):
@@ -73,15 +75,17 @@ def matmul_peak_flops(
 
 
 @functools.cache
-def peak_flops() -> float:
-    """The trainer's peak (FLOP/s), measured once per process (under a second: a few 1024-side
-    float32 matmuls on CPU, 8192-side bfloat16 ones on an accelerator), or taken from the
-    environment variable ``SSL_JAX_PEAK_FLOPS``. NaN when it cannot be measured."""
+def peak_flops(compute_dtype: str = "float32") -> float:
+    """The trainer's peak (FLOP/s), measured once per process and compute dtype (under a
+    second: a few 1024-side matmuls in ``compute_dtype`` on CPU, 8192-side bfloat16 ones on an
+    accelerator), or taken from the environment variable ``SSL_JAX_PEAK_FLOPS``. NaN when it
+    cannot be measured."""
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     try:
         platform = jax.devices()[0].platform
-        return matmul_peak_flops(1024 if platform == "cpu" else None, repeats=7)
+        return matmul_peak_flops(1024 if platform == "cpu" else None, repeats=7,
+                                 compute_dtype=compute_dtype)
     except Exception:  # noqa: BLE001 - a missing peak only drops the mfu metric
         return math.nan
 

@@ -30,9 +30,11 @@ MODELS = {
 }
 
 # Keys every model config carries, so that any of them can be overridden from the command line.
+# dtype is the compute dtype of the encoder and the method's heads ('float32' or 'bfloat16'):
+# parameters, optimizer state, norms' statistics, softmaxes and losses stay float32.
 MODEL_DEFAULTS = {
-    "resnet": dict(width_multiplier=1.0, cifar_stem=False),
-    "vit": dict(pos_embed="learned", drop_path_rate=0.0),
+    "resnet": dict(width_multiplier=1.0, cifar_stem=False, dtype="float32"),
+    "vit": dict(pos_embed="learned", drop_path_rate=0.0, dtype="float32"),
 }
 
 

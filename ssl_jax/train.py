@@ -127,7 +127,8 @@ def _train(
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     ))
-    peak_flops = flops.peak_flops()  # measured once per process, for the 'mfu' metric
+    # Measured once per process and compute dtype, for the 'mfu' metric.
+    peak_flops = flops.peak_flops(config.model.get("dtype", "float32"))
 
     # --- The loop ------------------------------------------------------------------------------
     writer = MetricsWriter(workdir)

@@ -19,6 +19,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ssl_jax.config import ConfigError
+from ssl_jax.models import COMPUTE_DTYPES, compute_dtype
 
 Params = Any
 Extra = Any
@@ -67,7 +68,21 @@ def create(
             f"ssl_jax/methods/{name}.py"
         ) from None
     _check_vit_grid(config)
+    model_dtype(config)
     return module.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def model_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The encoder's compute dtype, ``config.model.dtype`` (float32 for runs saved before the
+    key existed); a ConfigError names a bad one."""
+    name = config.get("model", {}).get("dtype", "float32")
+    try:
+        return compute_dtype(name)
+    except ValueError:
+        raise ConfigError(
+            f"config.model.dtype={name!r} is not a compute dtype of the encoders: use one of "
+            f"{COMPUTE_DTYPES} (bfloat16 computes in bfloat16 with float32 parameters, norms, "
+            "softmaxes and losses)") from None
 
 
 def _check_vit_grid(config: ml_collections.ConfigDict) -> None:

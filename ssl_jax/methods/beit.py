@@ -40,6 +40,7 @@ from ssl_jax import methods
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import augment, masking
 from ssl_jax.models import create_encoder
+from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import ViT
 
 head_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -121,7 +122,8 @@ class BEiT:
         self.encoder = create_encoder(model_name, image_size=self.view.size, **model)
         self.grid = _check_config(config, self.encoder, model_name, self.tokenizer)
         self.num_masked = int(self.grid[0] * self.grid[1] * cfg.mask_ratio)
-        self.head = nn.Dense(cfg.vocab_size, kernel_init=head_init, name="head")
+        self.head = Dense(cfg.vocab_size, dtype=self.encoder.dtype, kernel_init=head_init,
+                          name="head")
         self.tokenizer_params = self.restore_tokenizer()
 
     def restore_tokenizer(self) -> Any:

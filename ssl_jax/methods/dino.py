@@ -157,7 +157,8 @@ class DINO:
         self.local_view = aug.local
         self.head = DINOHead(
             out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-            num_layers=cfg.head_layers, use_bn=cfg.head_bn, norm_last_layer=cfg.norm_last_layer)
+            num_layers=cfg.head_layers, use_bn=cfg.head_bn, norm_last_layer=cfg.norm_last_layer,
+            dtype=self.encoder.dtype)
         self.total_steps = max(total_steps, 1)
         self.warmup_steps = int(round(cfg.warmup_teacher_temp_epochs * max(steps_per_epoch, 1)))
 

@@ -100,7 +100,8 @@ class MAE:
         self.grid = (self.view.size // self.patch,) * 2
         self.decoder = MAEDecoder(
             grid=self.grid, patch_dim=self.patch * self.patch * 3, dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
+            depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+            dtype=self.encoder.dtype)
 
     def masks(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.config.mae

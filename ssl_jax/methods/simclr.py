@@ -112,6 +112,7 @@ class SimCLR:
             out_dim=cfg.proj_out_dim,
             num_layers=cfg.proj_layers,
             use_bn=cfg.proj_bn,
+            dtype=self.encoder.dtype,
         )
 
     def _two_views(self, images: jax.Array, rng: jax.Array) -> jax.Array:

@@ -48,9 +48,25 @@ def _check_kwargs(cls: type[nn.Module], name: str, kwargs: dict[str, Any]) -> di
         raise ValueError(
             f"Unknown option(s) {unknown} for encoder {name!r}; valid options: {allowed}."
         )
-    if isinstance(kwargs.get("dtype"), str):
-        kwargs = {**kwargs, "dtype": jnp.dtype(kwargs["dtype"])}
+    if "dtype" in kwargs:
+        kwargs = {**kwargs, "dtype": compute_dtype(kwargs["dtype"])}
     return kwargs
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: Any) -> jnp.dtype:
+    """The encoders' compute dtype from its name (``config.model.dtype``) or a dtype: float32 or
+    bfloat16 (parameters stay float32 either way)."""
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"model dtype {name!r} is not a compute dtype of the encoders; use one "
+                         f"of {COMPUTE_DTYPES} (parameters stay float32 either way).")
+    return dtype
 
 
 def create_encoder(name: str, image_size: int, **kwargs: Any) -> nn.Module:

@@ -8,6 +8,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, dense_kernel_init, sincos_2d_pos_embed
 
 
@@ -41,7 +42,7 @@ class ProjectionMLP(nn.Module):
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             width = self.out_dim if last else self.hidden_dim
-            x = nn.Dense(width, use_bias=not self.use_bn, dtype=self.dtype, name=f"dense{i}")(x)
+            x = Dense(width, use_bias=not self.use_bn, dtype=self.dtype, name=f"dense{i}")(x)
             if self.use_bn:
                 x = nn.BatchNorm(
                     use_running_average=not train,
@@ -111,11 +112,11 @@ class DINOHead(nn.Module):
         x = x.astype(self.dtype)
         init = nn.initializers.truncated_normal(stddev=0.02)
         for i in range(self.num_layers - 1):
-            x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=init, name=f"dense{i}")(x)
+            x = Dense(self.hidden_dim, dtype=self.dtype, kernel_init=init, name=f"dense{i}")(x)
             if self.use_bn:
                 x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.gelu(x, approximate=False)
-        x = nn.Dense(self.bottleneck_dim, dtype=self.dtype, kernel_init=init,
+        x = Dense(self.bottleneck_dim, dtype=self.dtype, kernel_init=init,
                      name=f"dense{self.num_layers - 1}")(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -151,7 +152,7 @@ class MAEDecoder(nn.Module):
         chex.assert_rank([tokens, ids_restore], [3, 2])
         batch, num_patches = ids_restore.shape
         chex.assert_equal(num_patches, self.grid[0] * self.grid[1])
-        x = nn.Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+        x = Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init,
                      name="embed")(tokens.astype(self.dtype))
         cls, visible = x[:, :1], x[:, 1:]
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim))
@@ -165,7 +166,7 @@ class MAEDecoder(nn.Module):
             x = EncoderBlock(self.dim, self.num_heads, self.mlp_ratio, drop_path=0.0,
                              layer_scale_init=None, dtype=self.dtype, name=f"block{i}")(x, False)
         x = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm")(x)
-        x = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+        x = Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_kernel_init,
                      name="pred")(x[:, 1:])
         x = x.astype(jnp.float32)
         chex.assert_shape(x, (batch, num_patches, self.patch_dim))
@@ -180,6 +181,6 @@ class LinearClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         chex.assert_rank(x, 2)
-        logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="fc")(x)
+        logits = Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="fc")(x)
         chex.assert_shape(logits, (x.shape[0], self.num_classes))
         return logits

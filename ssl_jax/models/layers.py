@@ -5,9 +5,14 @@ differs is how XLA:CPU runs them (measured in docs/performance.md):
 
 - the weight gradient ``dW = x^T g`` of a dense layer contracts over the batch*tokens dimension;
   left to itself, XLA:CPU runs it with its generic dot (not YNNPACK's fast matmul) behind
-  transposed copies. :func:`dense_dot_general` gives ``nn.Dense`` a custom VJP that transposes
-  the narrower operand explicitly (kept apart by an optimization barrier), so that both backward
-  matmuls are row-major and run in YNNPACK. Other backends keep ``lax.dot_general``.
+  transposed copies. :class:`Dense` has a custom VJP that transposes the narrower operand
+  explicitly (kept apart by an optimization barrier), so that both backward matmuls are
+  row-major and run in YNNPACK. Other backends keep ``nn.Dense``'s maths.
+- bfloat16 compute (``dtype=jnp.bfloat16``): a bfloat16 x bfloat16 product asked for a float32
+  result runs on the CPU's AMX/bf16 kernel (3-4x XLA's float32 matmul here), one asked for a
+  bfloat16 result on a slow generic path; so every product here accumulates in float32 and is
+  rounded after, and the bias gradient is summed in float32 (XLA rewrites a bfloat16 sum into
+  a rounding-at-every-add reduce-window that is both slow and inexact).
 - the weight gradient of a convolution: XLA expresses it as a convolution with the batch as
   the contracted feature dimension and the image as the window, which XLA:CPU runs at a few
   GFLOP/s (1.2 s of a 1.9 s ResNet-18 step at batch 32). :func:`conv_general_dilated` gives
@@ -29,14 +34,35 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` in the operands' dtype, accumulated in float32: for bfloat16 operands the
+    product asks for a float32 result and rounds it, which sends it to XLA:CPU's AMX/bf16
+    matmul kernel (1-1.5 TFLOP/s here, against ~0.3 for a bfloat16 result)."""
+    if a.dtype == jnp.bfloat16:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    return a @ b
+
+
+def _mm32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` in float32 (accumulated and returned): the attention logits and their
+    gradient, which the softmax takes in float32."""
+    if a.dtype == jnp.bfloat16:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    return a @ b
+
+
 @jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``[..., in] @ [in, out] -> [..., out]``."""
-    return x @ w
+def _affine(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``x @ w + b`` for ``x [..., in]``, ``w [in, out]`` and a float32 ``b [out]`` (or None),
+    in ``x``'s dtype; a bfloat16 product is accumulated, and the bias added, in float32."""
+    return _affine_fwd(x, w, b)[0]
 
 
-def _matmul_fwd(x: jax.Array, w: jax.Array):
-    return x @ w, (x, w)
+def _affine_fwd(x: jax.Array, w: jax.Array, b: jax.Array | None):
+    y = _mm32(x, w)
+    if b is not None:
+        y = y + b
+    return y.astype(x.dtype), (x, w, b)
 
 
 def _weight_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
@@ -45,34 +71,40 @@ def _weight_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
     XLA does not fold it back into the dot): both products are then row-major."""
     barrier = jax.lax.optimization_barrier
     if x2.shape[1] <= g2.shape[1]:  # [in, n] @ [n, out]
-        return barrier(x2.T) @ g2
-    return barrier(barrier(g2.T) @ x2).T  # ([out, n] @ [n, in])^T, the small result transposed
+        return _mm(barrier(x2.T), g2)
+    return barrier(_mm(barrier(g2.T), x2)).T  # ([out, n] @ [n, in])^T, the small result transposed
 
 
-def _matmul_bwd(residuals, g: jax.Array):
-    x, w = residuals
-    dw = _weight_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return g @ w.T, dw.astype(w.dtype)
+def _affine_bwd(residuals, g: jax.Array):
+    x, w, b = residuals
+    g2 = g.reshape(-1, g.shape[-1])
+    dw = _weight_grad(x.reshape(-1, x.shape[-1]), g2)
+    # The bias gradient is summed in float32 (a bfloat16 sum rounds at every addition).
+    db = None if b is None else jnp.sum(g2.astype(jnp.float32), axis=0).astype(b.dtype)
+    return _mm(g, w.T), dw.astype(w.dtype), db
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """``nn.Dense``'s contraction (``dot_general=``): :func:`_matmul` on CPU for the plain
-    ``[..., in] x [in, out]`` case, ``lax.dot_general`` otherwise."""
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
-    plain = (tuple(lhs_c) == (lhs.ndim - 1,) and tuple(rhs_c) == (0,) and not lhs_b
-             and not rhs_b and rhs.ndim == 2 and precision is None
-             and preferred_element_type is None and lhs.dtype == rhs.dtype)
-    if plain and jax.default_backend() == "cpu":
-        return _matmul(lhs, rhs)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+class Dense(nn.Dense):
+    """``nn.Dense`` (same fields, same parameters, same outputs) whose product, bias and both
+    backward products run as :func:`_affine` on CPU (a bfloat16 product accumulated in float32
+    and the float32 bias added before rounding); other backends run ``nn.Dense``'s own maths.
+    Only the plain fields are honoured (no ``dot_general``, ``precision``)."""
 
-
-Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)
-"""``nn.Dense`` with :func:`dense_dot_general` (same parameters, same outputs)."""
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        dtype = self.dtype or jnp.result_type(inputs, kernel)
+        x, w = inputs.astype(dtype), kernel.astype(dtype)
+        if jax.default_backend() == "cpu":
+            return _affine(x, w, bias)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias.astype(dtype)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -151,23 +183,25 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _attention_fwd(q, k, v, bias):
-    logits = q @ jnp.swapaxes(k, -1, -2)
+    logits = _mm32(q, jnp.swapaxes(k, -1, -2))
     if bias is not None:
         logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.swapaxes(weights @ v, 1, 2), (q, k, v, weights, bias)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(_mm(weights, v), 1, 2), (q, k, v, weights, bias)
 
 
 def _attention_bwd(residuals, d_out):
     q, k, v, weights, bias = residuals
     barrier, swap = jax.lax.optimization_barrier, lambda t: jnp.swapaxes(t, -1, -2)
     d_out = jnp.swapaxes(d_out, 1, 2)  # [b, h, q, d]
-    d_weights = d_out @ barrier(swap(v))
-    d_v = barrier(swap(weights)) @ d_out
-    d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
-    d_q = d_logits @ k
-    d_k = barrier(swap(d_logits)) @ q
+    d_weights = _mm32(d_out, barrier(swap(v)))
+    d_v = _mm(barrier(swap(weights)), d_out)
+    p = weights.astype(jnp.float32)
+    d_logits = p * (d_weights - jnp.sum(d_weights * p, axis=-1, keepdims=True))
     d_bias = None if bias is None else _sum_to(d_logits, bias.shape).astype(bias.dtype)
+    d_logits = d_logits.astype(q.dtype)
+    d_q = _mm(d_logits, k)
+    d_k = _mm(barrier(swap(d_logits)), q)
     return d_q, d_k, d_v, d_bias
 
 
@@ -183,10 +217,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
               ) -> jax.Array:
     """``softmax(q k^T + bias) v`` per head: ``q, k, v [batch, heads, tokens, head_dim]``
     (``q`` already scaled), ``bias`` broadcastable to ``[batch, heads, tokens, tokens]`` ->
-    ``[batch, tokens, heads, head_dim]``. On CPU in float32, with a hand-written VJP whose four
-    batched products all take their operands row-major (XLA's own VJP of this graph runs two
-    of them in its generic dot)."""
-    if jax.default_backend() == "cpu" and q.dtype == jnp.float32:
+    ``[batch, tokens, heads, head_dim]``. On CPU (float32 or bfloat16 with a float32 softmax),
+    with a hand-written VJP whose four batched products all take their operands row-major
+    (XLA's own VJP of this graph runs two of them in its generic dot)."""
+    if jax.default_backend() == "cpu" and q.dtype in (jnp.float32, jnp.bfloat16):
         return _attention(q, k, v, None if bias is None else bias.astype(jnp.float32))
     return jnp.einsum("bhqk,bhkd->bqhd", attention_weights(q, k, bias).astype(v.dtype), v)
 
