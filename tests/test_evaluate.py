@@ -51,3 +51,21 @@ def test_bad_evaluation_requests(trained_run, tmp_path):
         evaluate_job.evaluate(str(workdir), ["eval.knn_kk=5"])
     with pytest.raises(WorkdirError, match="config.json not found"):
         evaluate_job.evaluate(str(tmp_path), [])
+
+
+def test_results_survive_an_eval_json_that_cannot_be_written(trained_run, monkeypatch, caplog,
+                                                              capsys):
+    _, workdir = trained_run
+    before = (workdir / "eval.json").read_bytes() if (workdir / "eval.json").exists() else None
+
+    def full_disk(path, results):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate_job, "_write_results", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_job.evaluate(str(workdir), ["eval.random_init_baseline=False"])
+    assert "linear top-1" in capsys.readouterr().out  # the table was printed first
+    logged = caplog.text.split("this evaluation's results:", 1)[1]
+    assert '"linear_top1"' in logged and '"step": 6' in logged
+    after = (workdir / "eval.json").read_bytes() if (workdir / "eval.json").exists() else None
+    assert after == before  # earlier results untouched

@@ -171,8 +171,13 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
         results["random_init"] = evaluate_encoder(
             rnd_method.encoder, rnd_vars, config, mesh, config.seed)
     if parallel.is_main_process():
-        _write_results(workdir / "eval.json", results)
-        print(format_table(results))
+        print(format_table(results), flush=True)
+        try:
+            _write_results(workdir / "eval.json", results)
+        except OSError:  # the job's work is not lost with the file: it goes to the log
+            logging.error("could not write %s; this evaluation's results:\n%s",
+                          workdir / "eval.json", json.dumps(results, indent=2, default=str))
+            raise
     return results
 
 
