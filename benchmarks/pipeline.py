@@ -40,7 +40,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,7 +47,7 @@ import ml_collections
 
 from benchmarks import throughput
 from ssl_jax import allocator
-from ssl_jax.data import augment, pipeline
+from ssl_jax.data import pipeline
 
 
 def _live_descendants_cpu_s() -> float:
@@ -103,29 +102,11 @@ def measure_host(config: ml_collections.ConfigDict, workers: int, images: int,
             "cpu_ms_per_image": 1e3 * cpu / n, "images_per_cpu_sec": n / cpu}
 
 
-def augmentation(method: Any, name: str) -> Callable[[jax.Array, jax.Array], Any]:
-    """``(key, uint8 images [batch, h, w, 3]) -> views``: what method ``name``'s loss calls."""
-    if name == "simclr":
-        return lambda key, images: method._two_views(images, key)
-    if name == "dino":
-        return lambda key, images: method.crops(images, key)
-    if name == "beit":
-        from ssl_jax.methods.beit import paired_views
-
-        return lambda key, images: tuple(map(augment.normalize, paired_views(
-            key, images, method.view, method.tokenizer.image_size)))
-    if hasattr(method, "view"):  # mae, dvae: one view
-        return lambda key, images: augment.normalize(
-            augment.augment_view(key, images, method.view))
-    raise ValueError(f"method {name!r}: benchmarks/pipeline.py does not know its augmentation; "
-                     "add it to benchmarks.pipeline.augmentation.")
-
-
 def measure_device(config: ml_collections.ConfigDict, steps: int = 5, warmup: int = 1,
                    rounds: int = 3, aug_calls: int = 5) -> dict[str, float]:
     """Median seconds of the method's augmentation alone and of the whole train step."""
     bench = throughput.StepBench(config)
-    augment_fn = jax.jit(augmentation(bench.method, config.method))
+    augment_fn = jax.jit(bench.method.augment)
     images, key = bench.batch["image"], jax.random.key(1)
     start = time.perf_counter()
     jax.block_until_ready(augment_fn(key, images))

@@ -46,6 +46,20 @@ from ssl_jax import config as config_lib
 IDENTITY_KEYS = ("method", "model")
 
 
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The :data:`IDENTITY_KEYS` of a run's config as plain values, but for ``model.dtype``: a
+    run may resume, be evaluated or fine-tuned in another compute precision (its parameters are
+    float32 either way), and runs saved before the key existed computed in float32."""
+    identity = {}
+    for key in IDENTITY_KEYS:
+        value = config.get(key)
+        value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "dtype"}
+        identity[key] = value
+    return identity
+
+
 class WorkdirError(ValueError):
     """The workdir holds something that does not fit this run."""
 
@@ -67,8 +81,9 @@ def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) ->
     saved_path = workdir / "config.json"
     if saved_path.exists():
         saved = config_lib.from_json(saved_path.read_text())
+        saved_id, now_id = run_identity(saved), run_identity(config)
         for key in IDENTITY_KEYS:
-            if key not in saved or saved[key] != config[key]:
+            if saved_id[key] is None or saved_id[key] != now_id[key]:
                 raise WorkdirError(
                     f"workdir {workdir} holds a run with {key}={_short(saved.get(key))}, but this "
                     f"config has {key}={_short(config[key])}. Use a new --workdir for a different "

@@ -135,8 +135,8 @@ def check_model_unchanged(
 ) -> None:
     """Refuses a ``config.model`` that differs from the run's (the encoder in ``source``), but
     for ``dtype``: fine-tuning may compute in another precision than pre-training did."""
-    saved, now = run.model.to_dict(), config.model.to_dict()
-    for key in sorted((set(saved) | set(now)) - {"dtype"}):  # the compute dtype may change
+    saved, now = ckpt_lib.run_identity(run)["model"], ckpt_lib.run_identity(config)["model"]
+    for key in sorted(set(saved) | set(now)):
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):
             hint = (" (stochastic depth for fine-tuning is --config.drop_path_rate)"
                     if key == "drop_path_rate" else "")

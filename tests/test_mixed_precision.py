@@ -133,3 +133,19 @@ def test_finetune_may_change_the_compute_dtype_of_a_run():
     config.model.dtype = "int8"
     with pytest.raises(ConfigError, match=r"config\.model\.dtype='int8' is not a compute dtype"):
         methods.model_dtype(config)
+
+
+def test_a_run_resumes_in_another_compute_dtype_and_older_runs_resume(tmp_path):
+    from ssl_jax import checkpoint as ckpt_lib
+
+    old = mae_config.get_config("data=digits,runlocal")
+    with old.unlocked():
+        del old.model["dtype"]  # a run saved before the key existed
+    ckpt_lib.check_workdir(tmp_path, old)
+    for dtype in ("float32", "bfloat16"):
+        config = mae_config.get_config("data=digits,runlocal")
+        config.model.dtype = dtype
+        ckpt_lib.check_workdir(tmp_path, config)  # resumes: same method, same model
+    config.model.depth = 3
+    with pytest.raises(ckpt_lib.WorkdirError, match="holds a run with model="):
+        ckpt_lib.check_workdir(tmp_path, config)

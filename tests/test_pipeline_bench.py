@@ -38,7 +38,7 @@ def test_augmentation_is_the_one_the_method_calls(spec, views):
             config.aug.num_local_crops, config.aug.local.size = 2, 8
     method = methods.create(config, parallel.make_mesh(), 10, 5)
     images = jax.ShapeDtypeStruct((8, 16, 16, 3), jax.numpy.uint8)
-    out = jax.eval_shape(bench.augmentation(method, config.method), jax.random.key(0), images)
+    out = jax.eval_shape(method.augment, jax.random.key(0), images)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, out)
     assert shapes == views
 

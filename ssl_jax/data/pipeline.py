@@ -247,8 +247,11 @@ def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
     return batch_size // process_count
 
 
-def _read_options(local_batch: int) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(2 * local_batch, 64))
+def read_options(data_cfg: ml_collections.ConfigDict, local_batch: int) -> grain.ReadOptions:
+    """Grain's reading of this process (or worker): ``data.read_threads`` threads, two batches
+    read ahead."""
+    return grain.ReadOptions(num_threads=data_cfg.get("read_threads", 16),  # 16: older runs
+                             prefetch_buffer_size=max(2 * local_batch, 64))
 
 
 def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
@@ -280,7 +283,7 @@ def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
         worker_count=data_cfg.num_workers,
         worker_buffer_size=data_cfg.get("prefetch", 2),
         shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
-        read_options=_read_options(local_batch),
+        read_options=read_options(data_cfg, local_batch),
     )
 
 
@@ -326,7 +329,7 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
     batches: Any = iter(())
     if stop > start:
         ds = grain.MapDataset.source(DecodedSource(source, size))[start:stop]
-        it = ds.to_iter_dataset(_read_options(local_batch))
+        it = ds.to_iter_dataset(read_options(data_cfg, local_batch))
         if data_cfg.num_workers > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=data_cfg.num_workers,

@@ -55,7 +55,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     Keys: name, source ('auto' | 'builtin' | 'tfds' | 'folder'), root (image-folder root),
     data_dir (TFDS data dir, '' for the default), image_size (side of the square uint8
     images the pipeline emits), train_split, test_split, num_workers (Grain worker
-    processes, 0 = in-process), prefetch (batches buffered per worker).
+    processes, 0 = in-process), prefetch (batches buffered per worker), read_threads (Grain's
+    reading threads per process or worker: many for remote storage, few on a small CPU host).
     """
     cfg = ml_collections.ConfigDict(
         {
@@ -68,6 +69,7 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
             "test_split": "test",
             "num_workers": 0,
             "prefetch": 2,
+            "read_threads": 16,
         }
     )
     for key, value in overrides.items():
@@ -280,8 +282,9 @@ def _wrap_tfds(builder: Any, name: str, split: str) -> TfdsSource:
 
 
 def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
-    """The pipeline's numbers: a positive image size, workers >= 0, prefetch >= 1."""
-    for key, low in (("image_size", 1), ("num_workers", 0), ("prefetch", 1)):
+    """The pipeline's numbers: a positive image size, workers >= 0, prefetch and read threads
+    >= 1."""
+    for key, low in (("image_size", 1), ("num_workers", 0), ("prefetch", 1), ("read_threads", 1)):
         value = data_cfg.get(key, low)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise DataError(f"config.data.{key}={value!r} must be an integer >= {low}: fix "

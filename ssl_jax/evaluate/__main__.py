@@ -109,10 +109,11 @@ def check_overrides_fit_run(run: ml_collections.ConfigDict, config: ml_collectio
     """Refuses overrides that change the architecture the checkpoints were saved with, naming
     the key (rather than letting the restore fail on a shape deep in the checkpoint)."""
     def fields(value: Any) -> dict[str, Any]:
-        return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else {"": value}
+        return value if isinstance(value, dict) else {"": value}
 
+    run_id, now_id = ckpt_lib.run_identity(run), ckpt_lib.run_identity(config)
     for key in ckpt_lib.IDENTITY_KEYS:
-        saved, now = fields(run.get(key)), fields(config.get(key))
+        saved, now = fields(run_id[key]), fields(now_id[key])
         for name in sorted(set(saved) | set(now)):
             if saved.get(name, "<unset>") != now.get(name, "<unset>"):
                 full = ".".join(filter(None, (key, name)))

@@ -95,5 +95,5 @@ def labelled_train_loader(
         worker_count=data_cfg.num_workers,
         worker_buffer_size=data_cfg.get("prefetch", 2),
         shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
-        read_options=pipeline._read_options(local_batch),
+        read_options=pipeline.read_options(data_cfg, local_batch),
     )

@@ -37,6 +37,10 @@ class Method(Protocol):
     def init(self, rng: jax.Array, batch: Batch) -> tuple[Params, Extra]:
         """Trainable parameters and the method's other state, from an example batch."""
 
+    def augment(self, rng: jax.Array, images: jax.Array) -> Any:
+        """The on-device augmentation of a uint8 ``[batch, h, w, 3]`` batch: the normalised
+        view(s) that :meth:`loss` feeds its networks (benchmarks time it alone)."""
+
     def loss(
         self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[Metrics, Extra]]:

@@ -168,11 +168,15 @@ class BEiT:
         return ({"encoder": enc["params"], "head": head["params"]},
                 {"tokenizer": self.tokenizer_params})
 
+    def augment(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """uint8 images -> normalised ``(view for the ViT, the same crop for the tokenizer)``."""
+        view, tok_view = paired_views(rng, images, self.view, self.tokenizer.image_size)
+        return augment.normalize(view), augment.normalize(tok_view)
+
     def loss(self, params, extra, batch, rng, step):
         del step
         k_aug, k_mask, k_drop = jax.random.split(rng, 3)
-        view, tok_view = paired_views(k_aug, batch["image"], self.view, self.tokenizer.image_size)
-        images, tok_images = augment.normalize(view), augment.normalize(tok_view)
+        images, tok_images = self.augment(k_aug, batch["image"])
         mask = self.masks(k_mask, images.shape[0])
         targets = self.targets(extra, tok_images)
         logits = self.predict(params, images, mask, True, k_drop)

@@ -172,7 +172,7 @@ class DINO:
         return teacher_momentum(step, self.config.dino.momentum_teacher, self.total_steps)
 
     # --- Networks --------------------------------------------------------------------------------
-    def crops(self, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def augment(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``[batch, h, w, 3]`` uint8 -> normalised ``([batch, G, Sg, Sg, 3], [batch, L, Sl, Sl,
         3] or None)``."""
         return multicrop.multi_crop(rng, images, self.global_views, self.num_global,
@@ -231,7 +231,7 @@ class DINO:
     def loss(self, params, extra, batch, rng, step):
         cfg = self.config.dino
         k_aug, k_global, k_local = jax.random.split(rng, 3)
-        globals_, locals_ = self.crops(batch["image"], k_aug)
+        globals_, locals_ = self.augment(k_aug, batch["image"])
         student, state = self._student(params, extra["state"], globals_, k_global)
         if locals_ is not None:
             student_local, state = self._student(params, state, locals_, k_local)

@@ -115,7 +115,7 @@ class SimCLR:
             dtype=self.encoder.dtype,
         )
 
-    def _two_views(self, images: jax.Array, rng: jax.Array) -> jax.Array:
+    def augment(self, rng: jax.Array, images: jax.Array) -> jax.Array:
         """``[batch, h, w, 3]`` uint8 -> ``[2 * batch, size, size, 3]`` normalised, with the two
         views of image i at rows 2i and 2i+1 so that both stay on the device that holds image i."""
         k1, k2 = jax.random.split(rng)
@@ -126,7 +126,7 @@ class SimCLR:
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         k_enc, k_head, k_aug = jax.random.split(rng, 3)
-        x = self._two_views(batch["image"], k_aug)
+        x = self.augment(k_aug, batch["image"])
         enc_vars = self.encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False)
         feats = self.encoder.apply(enc_vars, x, train=False)
         head_vars = self.head.init(k_head, feats, train=False)
@@ -140,7 +140,7 @@ class SimCLR:
     def loss(self, params, extra, batch, rng, step):
         del step
         k_aug, k_drop = jax.random.split(rng)
-        x = self._two_views(batch["image"], k_aug)
+        x = self.augment(k_aug, batch["image"])
         feats, enc_state = self.encoder.apply(
             {"params": params["encoder"], **extra["encoder"]}, x, train=True,
             mutable=list(extra["encoder"]), rngs={"dropout": k_drop},
