@@ -102,11 +102,13 @@ def test_command_line_errors_exit_2(tmp_path, module, args, message):
     ({"data.image_size": 0}, DataError, r"config\.data\.image_size=0 must be an integer >= 1"),
     ({"data.num_workers": -1}, DataError,
      r"config\.data\.num_workers=-1 must be an integer >= 0"),
+    ({"data.read_threads": 0}, DataError,
+     r"config\.data\.read_threads=0 must be an integer >= 1"),
     ({"model.dtype": "float16"}, ConfigError,
      r"config\.model\.dtype='float16' is not a compute dtype of the encoders: use one of "
      r"\('float32', 'bfloat16'\)"),
 ], ids=["negative_batch", "no_length", "on_nonfinite", "fsdp", "batch_vs_devices", "method",
-        "image_size", "num_workers", "model_dtype"])
+        "image_size", "num_workers", "read_threads", "model_dtype"])
 def test_trainer_config_errors_name_the_key(tmp_path, changes, error, match):
     with pytest.raises(error, match=match):
         train.train(_config(**changes), str(tmp_path / "run"))
