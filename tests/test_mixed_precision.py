@@ -70,6 +70,12 @@ def test_attention_in_bfloat16_is_close_to_float32():
     grads16 = jax.grad(loss, (0, 1, 2, 3))(q, k, v, bias)
     grads32 = jax.grad(loss, (0, 1, 2, 3))(*as32(q, k, v), bias)
     assert grads16[3].dtype == jnp.float32  # the bias is float32 and so is its gradient
+    # The weights the ViT returns (and other backends' attention) take float32 logits of the
+    # bfloat16 q, k: as exact as float32 on the same inputs, not rounded to bfloat16 first.
+    weights = layers.attention_weights(q, k, bias)
+    expected = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", *as32(q, k)) + bias, axis=-1)
+    assert weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
     for g16, g32 in zip(grads16, grads32, strict=True):
         scale = float(jnp.abs(g32).max())
         np.testing.assert_allclose(g16.astype(jnp.float32), g32, atol=3e-2 * scale)

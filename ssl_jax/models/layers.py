@@ -228,7 +228,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
 def attention_weights(q: jax.Array, k: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """``softmax(q k^T + bias)`` in float32, ``[batch, heads, tokens, tokens]`` (rows sum to 1);
     shapes as :func:`attention`."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     return jax.nn.softmax(logits, axis=-1)
