@@ -43,6 +43,7 @@ from etils import epath
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
 from ssl_jax import methods, optim, parallel
+from ssl_jax import metrics as metrics_lib
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import augment, pipeline
 from ssl_jax.evaluate import classifier as classifier_lib
@@ -323,7 +324,7 @@ def finetune(
     }
     name = result_name(config, step)
     if parallel.is_main_process():
-        results = write_result(workdir / RESULTS_FILE, name, entry)
+        results = metrics_lib.update_results(workdir / RESULTS_FILE, {name: entry})
         print(format_table(results, name))
     return entry
 
@@ -386,27 +387,6 @@ def evaluate_top1(model, state, config, crop: int, mesh) -> tuple[float, int]:
 
 
 # --- Results --------------------------------------------------------------------------------
-
-
-def write_result(path: epath.Path, name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Adds ``entry`` under ``name`` to the JSON file at ``path`` (temp file + rename); other
-    entries are kept. An unreadable file is kept aside as ``*.unreadable-<time>.json``."""
-    results: dict[str, Any] = {}
-    if path.exists():
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            results = None
-        if not isinstance(results, dict):
-            results = {}
-            backup = path.with_suffix(f".unreadable-{int(time.time())}.json")
-            path.rename(backup)
-            logging.warning("%s was not a JSON object; kept it as %s", path, backup)
-    results[name] = entry
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
-    return results
 
 
 def format_table(results: dict[str, Any], latest: str) -> str:

@@ -1,5 +1,7 @@
-"""Training metrics: one JSON object per logged step in ``DIR/metrics.jsonl`` and TensorBoard
-event files in ``DIR`` (written by tensorboardX, no TensorFlow needed). Only process 0 writes.
+"""What the jobs write about a run: training metrics, one JSON object per logged step in
+``DIR/metrics.jsonl``, and TensorBoard event files in ``DIR`` (written by tensorboardX, no
+TensorFlow needed), only from process 0; and the evaluation jobs' results files
+(:func:`update_results`).
 
 A workdir on an object store (``gs://...``, through etils' epath) cannot be appended to: there
 the file is rewritten whole at each write, rows of earlier invocations included (a few hundred
@@ -12,7 +14,9 @@ import importlib.util
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 from absl import logging
@@ -61,3 +65,28 @@ class MetricsWriter:
 def _finite_or_str(value: float) -> float | str:
     """JSON has no NaN/Inf: write them as strings so the file stays valid JSON."""
     return value if math.isfinite(value) else str(value)
+
+
+def update_results(path: epath.PathLike, entries: Mapping[str, Any]) -> dict[str, Any]:
+    """Sets ``entries`` in the JSON object at ``path`` (the evaluation job's ``eval.json``, the
+    fine-tuning job's ``finetune.json``) and returns the whole object; the other keys are kept.
+    The file is replaced at once (a temporary file renamed over it), so a failed write (an
+    ``OSError`` is raised) leaves the earlier file as it was. A file that is not a JSON object
+    is kept aside as ``*.unreadable-<time>.json`` and a new one started."""
+    path = epath.Path(path)
+    results: Any = None
+    if path.exists():
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+        if not isinstance(results, dict):
+            backup = path.with_suffix(f".unreadable-{int(time.time())}.json")
+            path.rename(backup)
+            logging.warning("%s was not a JSON object; kept it as %s", path, backup)
+            results = None
+    results = {**(results or {}), **entries}
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    tmp.replace(path)
+    return results

@@ -58,10 +58,10 @@ def test_results_survive_an_eval_json_that_cannot_be_written(trained_run, monkey
     _, workdir = trained_run
     before = (workdir / "eval.json").read_bytes() if (workdir / "eval.json").exists() else None
 
-    def full_disk(path, results):
+    def full_disk(path, entries):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(evaluate_job, "_write_results", full_disk)
+    monkeypatch.setattr(evaluate_job.metrics, "update_results", full_disk)
     with pytest.raises(OSError, match="No space left"):
         evaluate_job.evaluate(str(workdir), ["eval.random_init_baseline=False",
                                                 "eval.probe_epochs=1"])

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax.evaluate.pictures import save_png
-from ssl_jax.metrics import MetricsWriter
+from ssl_jax.metrics import MetricsWriter, update_results
 
 BUCKET = "gs://bucket"
 METHODS = ("open", "exists", "isdir", "listdir", "glob", "makedirs", "mkdir", "remove",
@@ -86,3 +86,24 @@ def test_pictures_are_written_through_epath(tmp_path):
         save_png(image, epath.Path(BUCKET) / "run" / "picture.png")
     with Image.open(tmp_path / "run" / "picture.png") as read:
         assert read.size == (6, 4) and read.format == "PNG"
+
+
+def test_results_file_keeps_other_entries_and_sets_a_broken_file_aside(tmp_path):
+    bucket = FakeBucket(tmp_path)
+    path = epath.Path(BUCKET) / "run" / "eval.json"
+    with bucket.mock():
+        path.parent.mkdir(parents=True)
+        update_results(path, {"step_3": {"top1": 0.5}, "latest": {"top1": 0.5}})
+        whole = update_results(path, {"step_6": {"top1": 0.7}, "latest": {"top1": 0.7}})
+    assert whole == json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert whole == {"step_3": {"top1": 0.5}, "step_6": {"top1": 0.7}, "latest": {"top1": 0.7}}
+    assert "a" not in "".join(bucket.modes), bucket.modes
+    for broken in ("[1, 2]", "{not json"):  # valid JSON but not an object; not JSON at all
+        (tmp_path / "run" / "eval.json").write_text(broken)
+        with bucket.mock():
+            assert update_results(path, {"step_9": {"top1": 0.9}}) == {"step_9": {"top1": 0.9}}
+        kept = sorted((tmp_path / "run").glob("eval.unreadable-*.json"))
+        assert kept and kept[-1].read_text() == broken
+        for old in kept:
+            old.unlink()
+    assert not list((tmp_path / "run").glob("*.tmp*"))

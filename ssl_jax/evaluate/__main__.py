@@ -27,11 +27,10 @@ from typing import Any
 import jax
 import ml_collections
 from absl import flags, logging
-from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import methods, parallel
+from ssl_jax import methods, metrics, parallel
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate import features as features_lib
@@ -174,29 +173,13 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     if parallel.is_main_process():
         print(format_table(results), flush=True)
         try:
-            _write_results(workdir / "eval.json", results)
+            metrics.update_results(workdir / "eval.json",
+                                   {f"step_{results['step']}": results, "latest": results})
         except OSError:  # the job's work is not lost with the file: it goes to the log
             logging.error("could not write %s; this evaluation's results:\n%s",
                           workdir / "eval.json", json.dumps(results, indent=2, default=str))
             raise
     return results
-
-
-def _write_results(path: epath.Path, results: dict[str, Any]) -> None:
-    """``eval.json`` maps ``"step_N"`` to that step's results; other steps are kept."""
-    existing = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            backup = path.with_suffix(f".unreadable-{int(time.time())}.json")
-            path.rename(backup)
-            logging.warning("%s was not valid JSON; kept it as %s", path, backup)
-    existing[f"step_{results['step']}"] = results
-    existing["latest"] = results
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(existing, indent=2))
-    tmp.replace(path)
 
 
 def format_table(results: dict[str, Any]) -> str:
