@@ -54,6 +54,41 @@ def test_dense_in_bfloat16_accumulates_and_sums_the_bias_gradient_in_float32():
                                atol=2**-7 * np.abs(kernel_expected).max())
 
 
+def test_dino_last_layer_in_bfloat16_returns_unrounded_float32_logits():
+    """DINO's weight-normed last layer: the bf16 product is accumulated in float32 and returned
+    unrounded (the teacher's temperature 0.04 would magnify a bf16 rounding 25x); gradients come
+    back float32 to the float32 parameters and match float64 maths of the same bf16 operands."""
+    from ssl_jax.models.heads import WeightNormDense
+
+    rng = np.random.default_rng(1)
+    x = _bf16_exact(rng, (64, 256))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)  # the head feeds it unit vectors
+    cot = rng.normal(size=(64, 96)).astype(np.float32)
+    module = WeightNormDense(96, fix_gain=False, dtype=jnp.bfloat16)
+    params = module.init(jax.random.key(0), x)
+    out = module.apply(params, x)
+    assert out.dtype == jnp.float32
+
+    v = np.asarray(params["params"]["kernel_v"], np.float64)
+    w = v / np.linalg.norm(v, axis=0, keepdims=True)  # gain 1 at init
+    w16 = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+    x16 = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    expected = x16 @ w16
+    # Unrounded: float32 accumulation error only (a bf16 result would be off by ~2^-9 of 1).
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    rounded = np.asarray(jnp.asarray(expected, jnp.bfloat16).astype(jnp.float32))
+    assert np.abs(rounded - expected).max() > 10 * np.abs(np.asarray(out) - expected).max()
+
+    loss = lambda params: jnp.sum(module.apply(params, x) * cot)
+    grads = jax.jit(jax.grad(loss))(params)["params"]
+    loss32 = lambda params: jnp.sum(module.clone(dtype=jnp.float32).apply(params, x) * cot)
+    grads32 = jax.jit(jax.grad(loss32))(params)["params"]
+    for name in ("kernel_v", "gain"):
+        assert grads[name].dtype == jnp.float32
+        scale = float(jnp.abs(grads32[name]).max())
+        np.testing.assert_allclose(grads[name], grads32[name], atol=2e-2 * scale)
+
+
 def test_attention_in_bfloat16_is_close_to_float32():
     keys = jax.random.split(jax.random.key(0), 5)
     q, k, v = (jax.random.normal(key, (2, 3, 9, 8)).astype(jnp.bfloat16) for key in keys[:3])

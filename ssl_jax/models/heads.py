@@ -8,7 +8,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssl_jax.models.layers import Dense
+from ssl_jax.models.layers import Dense, matmul_float32
 from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, dense_kernel_init, sincos_2d_pos_embed
 
 
@@ -66,7 +66,8 @@ class WeightNormDense(nn.Module):
     ``W[:, j] = g_j * v[:, j] / ||v[:, j]||``: a direction ``v`` (parameter ``kernel_v``,
     ``[in, features]``) and a per-output gain ``g`` (parameter ``gain``, initialised to 1). With
     ``fix_gain`` there is no gain parameter: ``g = 1`` always (DINO's ``norm_last_layer``).
-    ``[batch, in] -> [batch, features]``.
+    ``[batch, in] -> [batch, features]`` float32, the product in ``dtype`` accumulated in
+    float32.
     """
 
     features: int
@@ -81,7 +82,7 @@ class WeightNormDense(nn.Module):
         w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
         if not self.fix_gain:
             w = w * self.param("gain", nn.initializers.ones, (self.features,))
-        return x.astype(self.dtype) @ w.astype(self.dtype)
+        return matmul_float32(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class DINOHead(nn.Module):

@@ -51,18 +51,19 @@ def _mm32(a: jax.Array, b: jax.Array) -> jax.Array:
     return a @ b
 
 
-@jax.custom_vjp
-def _affine(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _affine(x: jax.Array, w: jax.Array, b: jax.Array | None, float32_out: bool) -> jax.Array:
     """``x @ w + b`` for ``x [..., in]``, ``w [in, out]`` and a float32 ``b [out]`` (or None),
-    in ``x``'s dtype; a bfloat16 product is accumulated, and the bias added, in float32."""
-    return _affine_fwd(x, w, b)[0]
+    in ``x``'s dtype (float32 with ``float32_out``); a bfloat16 product is accumulated, and the
+    bias added, in float32."""
+    return _affine_fwd(x, w, b, float32_out)[0]
 
 
-def _affine_fwd(x: jax.Array, w: jax.Array, b: jax.Array | None):
+def _affine_fwd(x: jax.Array, w: jax.Array, b: jax.Array | None, float32_out: bool):
     y = _mm32(x, w)
     if b is not None:
         y = y + b
-    return y.astype(x.dtype), (x, w, b)
+    return (y if float32_out else y.astype(x.dtype)), (x, w, b)
 
 
 def _weight_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
@@ -75,12 +76,14 @@ def _weight_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
     return barrier(_mm(barrier(g2.T), x2)).T  # ([out, n] @ [n, in])^T, the small result transposed
 
 
-def _affine_bwd(residuals, g: jax.Array):
+def _affine_bwd(float32_out: bool, residuals, g: jax.Array):
+    del float32_out
     x, w, b = residuals
-    g2 = g.reshape(-1, g.shape[-1])
-    dw = _weight_grad(x.reshape(-1, x.shape[-1]), g2)
     # The bias gradient is summed in float32 (a bfloat16 sum rounds at every addition).
-    db = None if b is None else jnp.sum(g2.astype(jnp.float32), axis=0).astype(b.dtype)
+    db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32),
+                                        axis=0).astype(b.dtype)
+    g = g.astype(x.dtype)  # a float32 result's cotangent: the products run in x's dtype
+    dw = _weight_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
     return _mm(g, w.T), dw.astype(w.dtype), db
 
 
@@ -102,9 +105,19 @@ class Dense(nn.Dense):
         dtype = self.dtype or jnp.result_type(inputs, kernel)
         x, w = inputs.astype(dtype), kernel.astype(dtype)
         if jax.default_backend() == "cpu":
-            return _affine(x, w, bias)
+            return _affine(x, w, bias, False)
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         return y if bias is None else y + bias.astype(dtype)
+
+
+def matmul_float32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., in] @ w [in, out]`` in the operands' dtype with a float32 result: a bfloat16
+    product is accumulated in float32 and not rounded (DINO's last layer, whose cosine logits
+    a temperature of 0.04 magnifies 25x: rounded to bfloat16 they would be ~0.1 off). The
+    gradients come back in the operands' dtypes; on CPU through the products of :class:`Dense`."""
+    if jax.default_backend() == "cpu":
+        return _affine(x, w, None, True)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
