@@ -74,18 +74,19 @@ def update_results(path: epath.PathLike, entries: Mapping[str, Any]) -> dict[str
     ``OSError`` is raised) leaves the earlier file as it was. A file that is not a JSON object
     is kept aside as ``*.unreadable-<time>.json`` and a new one started."""
     path = epath.Path(path)
-    results: Any = None
+    results: dict[str, Any] = {}
     if path.exists():
         try:
-            results = json.loads(path.read_text())
+            existing = json.loads(path.read_text())
         except json.JSONDecodeError:
-            pass
-        if not isinstance(results, dict):
+            existing = None
+        if isinstance(existing, dict):
+            results = existing
+        else:
             backup = path.with_suffix(f".unreadable-{int(time.time())}.json")
             path.rename(backup)
             logging.warning("%s was not a JSON object; kept it as %s", path, backup)
-            results = None
-    results = {**(results or {}), **entries}
+    results.update(entries)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=2, default=str))
     tmp.replace(path)
