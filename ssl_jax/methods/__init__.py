@@ -46,6 +46,10 @@ class Method(Protocol):
     ) -> tuple[jax.Array, tuple[Metrics, Extra]]:
         """Scalar loss of the global batch, metrics and the updated extra state (BN stats)."""
 
+    def encoder_input(self, images: jax.Array) -> jax.Array:
+        """What :attr:`encoder` sees for normalised images ``[batch, h, w, 3]`` (evaluation and
+        fine-tuning feed the encoder through this)."""
+
     def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
         """Updates that follow the optimizer step (EMA teacher, momentum schedules)."""
 

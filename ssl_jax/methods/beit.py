@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from ssl_jax import methods
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import augment, masking
+from ssl_jax.methods.base import MethodBase
 from ssl_jax.models import create_encoder
 from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import ViT
@@ -104,7 +105,7 @@ def load_tokenizer_run(workdir: str, mesh: Mesh | None) -> tuple[Any, ml_collect
     return methods.create(tok_config, mesh), tok_config
 
 
-class BEiT:
+class BEiT(MethodBase):
     """ViT with mask tokens, trained to predict a frozen dVAE's visual tokens of masked patches."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None):

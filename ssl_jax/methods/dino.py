@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 
 from ssl_jax.config import require
 from ssl_jax.data import multicrop
+from ssl_jax.methods.base import MethodBase
 from ssl_jax.models import create_encoder
 from ssl_jax.models.heads import DINOHead
 from ssl_jax.models.vit import ViT
@@ -135,7 +136,7 @@ def _split_variables(variables: Any) -> tuple[Any, dict[str, Any]]:
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
-class DINO:
+class DINO(MethodBase):
     """Student (params) and EMA teacher (extra) trained by self-distillation on multi-crop."""
 
     def __init__(

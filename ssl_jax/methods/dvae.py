@@ -55,6 +55,7 @@ from jax.sharding import Mesh
 
 from ssl_jax.config import require
 from ssl_jax.data import augment
+from ssl_jax.methods.base import MethodBase
 from ssl_jax.models.dvae import DiscreteVAE, DVAEEncoder
 
 # --- The maths, as small pure functions ------------------------------------------------------
@@ -119,7 +120,7 @@ def dvae_loss(recon: jax.Array, images: jax.Array, logits: jax.Array, kl_weight:
 # --- The method ------------------------------------------------------------------------------
 
 
-class DVAE:
+class DVAE(MethodBase):
     """A DALL-E-like discrete VAE trained with the Gumbel-softmax relaxation.
 
     Public attributes used by BEiT: :attr:`model` (the :class:`DiscreteVAE`), :attr:`image_size`

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from ssl_jax.config import require
 from ssl_jax.data import augment, masking
+from ssl_jax.methods.base import MethodBase
 from ssl_jax.models import create_encoder
 from ssl_jax.models.heads import MAEDecoder
 from ssl_jax.models.vit import ViT
@@ -84,7 +85,7 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array
     return loss, {"visible_patch_loss": visible_loss, "mask_ratio": jnp.mean(mask)}
 
 
-class MAE:
+class MAE(MethodBase):
     """ViT encoder on visible patches + light decoder, trained to reconstruct masked patches."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None):

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax.config import require
 from ssl_jax.data import augment
+from ssl_jax.methods.base import MethodBase
 from ssl_jax.models import create_encoder
 from ssl_jax.models.heads import ProjectionMLP
 from ssl_jax.parallel import BATCH_AXES
@@ -95,7 +96,7 @@ def nt_xent(
     return loss_sum / count, correct / count
 
 
-class SimCLR:
+class SimCLR(MethodBase):
     """Encoder + projection head trained with NT-Xent over two views."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None):
