@@ -12,6 +12,12 @@ Layout of a workdir::
 A workdir belongs to one run: starting a different method or model in it is refused, so a
 typo in ``--workdir`` never overwrites somebody's checkpoints.
 
+The training job writes through an Orbax ``CheckpointManager`` (:class:`RunCheckpoints`); jobs
+that only read a run restore a step directory with a plain ``Checkpointer``
+(:class:`ReadOnlyCheckpoints`, :func:`restore_step`; Orbax documents the manager as unsafe for
+concurrent jobs). This module knows no method: building a run's state to restore into is
+:mod:`ssl_jax.restore`'s.
+
 A checkpoint is written to a temporary directory and renamed to ``<step>`` only when complete
 (Orbax), so a process killed during a save leaves no ``<step>`` behind; the leftover temporary
 directory is removed at the next start. A complete checkpoint whose files were later truncated,
@@ -29,13 +35,13 @@ import os
 import time
 from typing import Any
 
-import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -120,9 +126,125 @@ def _short(value: Any) -> str:
     return repr(value)
 
 
-class RunCheckpoints:
-    """Saves and restores ``{'state': train state, 'data': Grain iterator}`` per step, with a
-    fingerprint of the state that a restore checks.
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The items of a checkpoint and their Orbax handlers: ``state`` (the train state),
+    ``data`` (the Grain iterator's position), ``fingerprint`` (JSON)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    items = {"state": (ocp.StandardCheckpointHandler(), ocp.args.StandardSave,
+                       ocp.args.StandardRestore),
+             "data": (grain_checkpoint.CheckpointHandler(), grain_checkpoint.CheckpointSave,
+                      grain_checkpoint.CheckpointRestore),
+             "fingerprint": (ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore)}
+    for name, (handler, save_args, restore_args) in items.items():
+        registry.add(name, save_args, handler)
+        registry.add(name, restore_args, handler)
+    return registry
+
+
+def checkpoint_steps(directory: epath.PathLike) -> list[int]:
+    """The sorted steps of the complete checkpoints in ``directory`` (``DIR/checkpoints``);
+    reads only the listing. Orbax writes a checkpoint under a temporary name and renames it (on
+    object stores it marks it complete with ``commit_success.txt``); ``<step>.corrupt-<time>``
+    and temporary directories are not steps."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    remote = "://" in os.fspath(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
+                  and (not remote or (p / "commit_success.txt").exists()))
+
+
+def restore_step(step_dir: epath.PathLike, abstract_state: Any, data_iterator: Any = None) -> Any:
+    """The state of one checkpoint directory ``DIR/checkpoints/<step>`` laid out as
+    ``abstract_state`` (shapes + shardings), read with a plain Orbax ``Checkpointer`` (no
+    ``CheckpointManager``: safe while another job writes the run). Also moves
+    ``data_iterator`` to its saved position when given.
+
+    Raises:
+      CorruptCheckpointError: the arrays read do not match the checkpoint's fingerprint
+        (checkpoints written before fingerprints existed are not checked).
+      Exception: whatever Orbax raises for truncated, garbled or missing files.
+    """
+    step_dir = epath.Path(step_dir)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
+    checked = (step_dir / "fingerprint").exists()
+    if checked:
+        items["fingerprint"] = ocp.args.JsonRestore()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+            handler_registry=_handler_registry())) as checkpointer:
+        restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**items))
+    if checked:
+        _check_fingerprint(step_dir, restored["state"], restored["fingerprint"])
+    return restored["state"]
+
+
+class ReadOnlyCheckpoints:
+    """Reads the checkpoints of a run without a ``CheckpointManager`` (which Orbax documents as
+    unsafe for jobs running beside the one that writes): the evaluation and fine-tuning jobs,
+    BEiT's tokenizer. Never writes, moves or deletes anything."""
+
+    def __init__(self, workdir: epath.PathLike):
+        self.directory = workdir_path(workdir) / "checkpoints"
+
+    def all_steps(self) -> list[int]:
+        return checkpoint_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """The state at ``step`` (see :func:`restore_step`)."""
+        return restore_step(self.directory / str(step), abstract_state, data_iterator)
+
+    def restore_latest_good(self, abstract_state: Any, data_iterator: Any = None):
+        """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)`` when
+        there is no checkpoint at all.
+
+        A checkpoint that fails to restore (truncated, garbled or missing files, a fingerprint
+        mismatch) is reported with a warning naming its directory and skipped (and, by
+        :class:`RunCheckpoints`, moved aside once an older one restored). If checkpoints exist
+        but none restores, this raises rather than letting a fresh run start (and later save)
+        beside them. All processes of a run agree on the step.
+        """
+        steps = self.all_steps()
+        unreadable = []
+        for step in reversed(steps):
+            state, error = None, None
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
+                error = e
+            if _all_processes_agree(error is None):
+                if unreadable:
+                    self._unreadable(unreadable)
+                return step, state
+            logging.warning(
+                "checkpoint %s is unreadable (%s); falling back to an older one",
+                self.directory / str(step),
+                f"{type(error).__name__}: {str(error)[:300]}" if error else "on another process",
+            )
+            unreadable.append(step)
+        if steps:
+            raise WorkdirError(
+                f"none of the checkpoints {steps} in {self.directory} restores into this "
+                "config's state (see the warnings above); nothing was changed. Use a new "
+                "--workdir, or the config the run was started with.")
+        return None, None
+
+    def _unreadable(self, steps: list[int]) -> None:
+        """Called with the unreadable steps newer than the one restored (read-only: kept)."""
+
+    def close(self) -> None:
+        """Nothing to release (the same interface as :class:`RunCheckpoints`)."""
+
+
+class RunCheckpoints(ReadOnlyCheckpoints):
+    """The training job's checkpoints: saves ``{'state': train state, 'data': Grain iterator}``
+    per step through an Orbax ``CheckpointManager``, with a fingerprint of the state that a
+    restore checks.
 
     Keeps the newest ``keep`` checkpoints and, in addition, every step that is a multiple of
     ``keep_every`` (0: none). Saves are asynchronous when ``async_save``.
@@ -134,29 +256,19 @@ class RunCheckpoints:
         keep: int = 3,
         keep_every: int = 0,
         async_save: bool = True,
-        read_only: bool = False,
     ):
+        super().__init__(workdir)
         policies = [ocp.checkpoint_managers.LatestN(max(keep, 1))]
         if keep_every:
             policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            create=not read_only,
-            read_only=read_only,
-            cleanup_tmp_directories=not read_only,
+            create=True,
+            cleanup_tmp_directories=True,
         )
-        self.read_only = read_only
-        self.directory = workdir_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.PyGrainCheckpointHandler(),
-                "fingerprint": ocp.JsonCheckpointHandler(),
-            },
-        )
+            self.directory, options=options, handler_registry=_handler_registry())
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -174,68 +286,15 @@ class RunCheckpoints:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.PyGrainCheckpointSave(data_iterator),
+                data=grain_checkpoint.CheckpointSave(data_iterator),
                 fingerprint=ocp.args.JsonSave(state_fingerprint(state)),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
-        """The state at ``step`` laid out as ``abstract_state`` (shapes + shardings); also moves
-        ``data_iterator`` to its saved position when given. Raises
-        :class:`CorruptCheckpointError` when the arrays read do not match the checkpoint's
-        fingerprint (checkpoints written before fingerprints existed are not checked)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        checked = (self.directory / str(step) / "fingerprint").exists()
-        if checked:
-            items["fingerprint"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if checked:
-            _check_fingerprint(self.directory / str(step), restored["state"],
-                               restored["fingerprint"])
-        return restored["state"]
-
-    def restore_latest_good(self, abstract_state: Any, data_iterator: Any = None):
-        """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)`` when
-        there is no checkpoint at all.
-
-        A checkpoint that fails to restore (truncated, garbled or missing files, a fingerprint
-        mismatch) is reported with a warning naming its directory and skipped. Once an older
-        one restored, the unreadable newer ones are moved aside to ``<step>.corrupt-<time>``
-        (unless read-only), so that the run can save those steps again; nothing is deleted. If
-        checkpoints exist but none restores, this raises rather than letting a fresh run start
-        (and later save) beside them. All processes of a run agree on the step.
-        """
-        steps = self.all_steps()
-        unreadable = []
-        for step in reversed(steps):
-            state, error = None, None
-            try:
-                state = self.restore(step, abstract_state, data_iterator)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
-                error = e
-            if _all_processes_agree(error is None):
-                if unreadable and not self.read_only:
-                    self._move_aside(unreadable)
-                return step, state
-            logging.warning(
-                "checkpoint %s is unreadable (%s); falling back to an older one",
-                self.directory / str(step),
-                f"{type(error).__name__}: {str(error)[:300]}" if error else "on another process",
-            )
-            unreadable.append(step)
-        if steps:
-            raise WorkdirError(
-                f"none of the checkpoints {steps} in {self.directory} restores into this "
-                "config's state (see the warnings above); nothing was changed. Use a new "
-                "--workdir, or the config the run was started with.")
-        return None, None
-
-    def _move_aside(self, steps: list[int]) -> None:
+    def _unreadable(self, steps: list[int]) -> None:
         """Renames the checkpoints of ``steps`` to ``<step>.corrupt-<time>`` (Orbax ignores
-        such names)."""
+        such names), so that the run can save those steps again; nothing is deleted."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if jax.process_index() == 0:
             for step in steps:
@@ -324,33 +383,3 @@ def export_encoder(
                 "image_size": config.data.image_size}
         (target / "encoder.json").write_text(json.dumps(meta, indent=2, default=str))
     return target
-
-
-def restore_state(
-    workdir: epath.PathLike, config: ml_collections.ConfigDict, mesh: Mesh, step: int = -1
-) -> tuple[Any, dict[str, Any], int]:
-    """``(method, train_state, step)``: the whole state (params, extra, optimizer) of the
-    checkpoint ``step`` (-1: the latest readable one)."""
-    checkpoints = RunCheckpoints(workdir, read_only=True)
-    steps = checkpoints.all_steps()
-    if not steps:
-        raise WorkdirError(
-            f"no checkpoint in {checkpoints.directory}: train first with "
-            f"python -m ssl_jax.train --config ... --workdir {workdir}")
-    if step >= 0 and step not in steps:
-        raise WorkdirError(
-            f"no checkpoint of step {step} in {checkpoints.directory}; available steps: {steps} "
-            "(or --config.eval.step=-1 for the latest)")
-    from ssl_jax import methods  # the method layer sits left of this one; imported late so
-    from ssl_jax.step import build_state  # that a method may restore another run (BEiT)
-
-    method = methods.create(config, mesh)
-    setup = build_state(config, mesh, method, total_steps=1, steps_per_epoch=1)
-    if step >= 0:
-        state = checkpoints.restore(step, setup.abstract)
-    else:
-        step, state = checkpoints.restore_latest_good(setup.abstract)
-        if state is None:
-            raise WorkdirError(f"no readable checkpoint in {checkpoints.directory}")
-    checkpoints.close()
-    return method, state, step

@@ -150,9 +150,7 @@ def check_model_unchanged(
 
 def _checkpoint_path(workdir: epath.Path, step: int) -> tuple[int, str]:
     """``(step, path)`` of the checkpoint to restore (the latest for -1), before restoring."""
-    checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
-    steps = checkpoints.all_steps()
-    checkpoints.close()
+    steps = ckpt_lib.checkpoint_steps(workdir / "checkpoints")
     if not steps:
         raise ckpt_lib.WorkdirError(
             f"no checkpoint in {workdir / 'checkpoints'}: train first, or fine-tune a random "
@@ -169,9 +167,9 @@ def _check_restored(abstract: Any, restored: dict[str, Any], source: str) -> Non
     """The restored encoder variables must have the fine-tuning encoder's structure and shapes."""
     for collection, tree in restored.items():
         expected = abstract.get(collection, {}).get("encoder")
-        want = {parallel._path_str(p): tuple(x.shape)
+        want = {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
                 for p, x in jax.tree_util.tree_leaves_with_path(expected or {})}
-        got = {parallel._path_str(p): tuple(x.shape)
+        got = {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
                for p, x in jax.tree_util.tree_leaves_with_path(tree)}
         for name in sorted(set(want) | set(got)):
             if want.get(name) != got.get(name):

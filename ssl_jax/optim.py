@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ssl_jax import parallel
 from ssl_jax.config import require
 
 
@@ -77,7 +76,8 @@ def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay (kernels), False for biases, norm scales, the
     cls and mask tokens and learned position embeddings (absolute or relative)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim > 1 and not _NO_DECAY_NAMES.search(parallel._path_str(path)),
+        lambda path, p: p.ndim > 1 and not _NO_DECAY_NAMES.search(
+            jax.tree_util.keystr(path, simple=True, separator="/")),
         params)
 
 
@@ -154,7 +154,7 @@ def freeze_labels(params: Any, rules: tuple[tuple[str, float], ...]) -> Any:
     compiled = [re.compile(pattern) for pattern, _ in rules]
 
     def label(path, _):
-        name = parallel._path_str(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         for i, pattern in enumerate(compiled):
             if pattern.search(name):
                 return f"freeze{i}"
@@ -272,7 +272,7 @@ def layer_decay_scales(
     require(0.0 < decay <= 1.0, "optim.layer_decay", f"must lie in (0, 1], got {decay!r}")
 
     def scale(path, _):
-        name = parallel._path_str(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         layer = layer_id(name)
         if not 0 <= layer <= num_layers:
             raise ValueError(f"layer id {layer} of parameter {name!r} is outside [0, {num_layers}]")

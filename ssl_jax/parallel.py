@@ -83,18 +83,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _spec_for(shape: tuple[int, ...], rule: str, fsdp_size: int) -> P:
     if rule == "replicate" or fsdp_size == 1:
         return P()
@@ -119,7 +107,7 @@ def tree_shardings(
     compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
 
     def one(path, leaf):
-        name = _path_str(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         shape = tuple(getattr(leaf, "shape", ()))
         for pattern, rule in compiled:
             if pattern.search(name):

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from ssl_jax import optim, parallel
+from ssl_jax.data import sources
 
 
 def make_train_step(method, tx, schedule, base_rng, on_nonfinite: str):
@@ -59,10 +60,12 @@ class StateSetup(NamedTuple):
 
 
 def example_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch of zeros shaped like the pipeline's output (one image per device), for init."""
-    size = config.data.image_size
-    return {"image": jnp.zeros((mesh.size, size, size, 3), jnp.uint8),
-            "label": jnp.zeros((mesh.size,), jnp.int32)}
+    """A batch of zeros with the fields the data source declares (``sources.source_fields``:
+    e.g. ``image`` uint8 ``[n, S, S, 3]``, ``label`` int32 ``[n]``), one example per device
+    (``n = mesh.size``), for init."""
+    fields = sources.source_fields(config.data)
+    return {name: jnp.zeros((mesh.size, *field.shape), field.dtype)
+            for name, field in fields.items()}
 
 
 def build_state(

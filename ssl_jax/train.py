@@ -140,7 +140,7 @@ def _train(
     if preemption.signalled():
         _stop_preempted(checkpoints, writer, start_step, saved=False)
     for step in range(start_step + 1, last + 1):
-        batch = parallel.global_batch(_images_and_labels(next(data_iter)), mesh)
+        batch = parallel.global_batch(next(data_iter), mesh)  # every field the data declares
         state, metrics = step_fn(state, batch)
         if stop_on_nonfinite and previous is not None:  # the step before, one step late
             _check_finite(step - 1, previous, checkpoints)
@@ -223,10 +223,6 @@ def _stop_preempted(checkpoints: ckpt_lib.RunCheckpoints, writer: MetricsWriter,
     message = (f"preempted: {what} in {checkpoints.directory}; run the same command to resume "
                f"(exit code {faults.EXIT_PREEMPTED})")
     raise faults.Preempted(step, message)
-
-
-def _images_and_labels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": batch["image"], "label": batch["label"]}
 
 
 def _progress_bar(total: int, initial: int):

@@ -19,6 +19,7 @@ from configs import dino as dino_config
 from configs import simclr as simclr_config
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import cli, methods, parallel, train
+from ssl_jax import restore as restore_lib
 from ssl_jax.config import ConfigError
 from ssl_jax.data import pipeline, sources
 from ssl_jax.data.sources import DataError
@@ -337,8 +338,8 @@ def test_full_disk_during_a_save_keeps_the_earlier_checkpoint(tmp_path, capsys, 
         "2.orbax-checkpoint-tmp/state/ocdbt/d/c25957938aeea115: the disk is full")
     assert "the run resumes from the newest one" in err
     assert (workdir / "config.json").exists() and (workdir / "metrics.jsonl").exists()
-    assert ckpt_lib.RunCheckpoints(workdir, read_only=True).all_steps() == [1]
-    _, state, step = ckpt_lib.restore_state(workdir, config, parallel.make_mesh())
+    assert ckpt_lib.ReadOnlyCheckpoints(workdir).all_steps() == [1]
+    _, state, step = restore_lib.restore_state(workdir, config, parallel.make_mesh())
     assert step == 1 and int(state["step"]) == 1
     resume = ckpt_lib.RunCheckpoints(workdir)  # what the next start opens
     assert resume.all_steps() == [1] and resume.latest_step() == 1

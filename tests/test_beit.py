@@ -12,12 +12,12 @@ from PIL import Image
 from configs import beit as beit_config
 from configs import dvae as dvae_configs
 from ssl_jax import finetune, methods, parallel, train
-from ssl_jax.checkpoint import restore_state
 from ssl_jax.config import ConfigError
 from ssl_jax.data import augment, masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import beit
 from ssl_jax.models.vit import relative_position_index, vit
+from ssl_jax.restore import restore_state
 from tests.method_steps import assert_grads_close, loss_step, set_key
 
 

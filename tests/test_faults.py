@@ -25,6 +25,7 @@ import pytest
 from configs import simclr as simclr_config
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import faults, methods, parallel
+from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline
 from ssl_jax.step import build_state
 
@@ -82,7 +83,7 @@ def reference(run_env, tmp_path_factory):
 
 def _restore(workdir, step=-1):
     config = simclr_config.get_config("data=digits,runlocal")
-    return ckpt_lib.restore_state(workdir, config, parallel.make_mesh(), step)[1:]
+    return restore_lib.restore_state(workdir, config, parallel.make_mesh(), step)[1:]
 
 
 def assert_same_as_reference(reference, workdir):
@@ -249,7 +250,7 @@ def test_corrupt_latest_checkpoint_warns_falls_back_and_is_kept(reference, tmp_p
     abstract, data_iter = _abstract_state_and_data()
 
     with caplog.at_level(logging.WARNING):
-        read_only = ckpt_lib.RunCheckpoints(workdir, read_only=True)  # evaluation: only reads
+        read_only = ckpt_lib.ReadOnlyCheckpoints(workdir)  # evaluation: only reads
         assert read_only.restore_latest_good(abstract, data_iter)[0] == 30
         read_only.close()
         assert _steps(workdir) == [20, 30, 40]
@@ -276,7 +277,7 @@ def test_garbled_array_data_is_caught_by_the_fingerprint(reference, tmp_path):
     shutil.copytree(reference, workdir)
     _garble_array_data(workdir / "checkpoints" / "40")
     abstract, _ = _abstract_state_and_data()
-    checkpoints = ckpt_lib.RunCheckpoints(workdir, read_only=True)
+    checkpoints = ckpt_lib.ReadOnlyCheckpoints(workdir)
     with pytest.raises(ckpt_lib.CorruptCheckpointError, match="checkpoints/40 is corrupt"):
         checkpoints.restore(40, abstract)
     checkpoints.close()

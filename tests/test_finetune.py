@@ -16,7 +16,7 @@ import pytest
 from configs import finetune as finetune_config
 from configs import simclr as simclr_config
 from ssl_jax import finetune as finetune_job
-from ssl_jax import optim, parallel
+from ssl_jax import optim
 from ssl_jax.checkpoint import WorkdirError, check_workdir
 from ssl_jax.config import ConfigError
 from ssl_jax.data.sources import data_config, make_source
@@ -34,7 +34,8 @@ def _scales_by_path(encoder, decay):
         jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))["params"]
     layer_id, num_layers = classifier_lib.layer_ids(encoder)
     scales = optim.layer_decay_scales(params, decay, layer_id, num_layers)
-    flat = {parallel._path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(scales)}
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): s
+            for p, s in jax.tree_util.tree_leaves_with_path(scales)}
     return params, scales, flat, (layer_id, num_layers)
 
 

@@ -13,6 +13,7 @@ from configs import mae as mae_config
 from configs import simclr as simclr_config
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import methods, parallel
+from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline
 from ssl_jax.step import build_state, make_train_step
 
@@ -129,11 +130,11 @@ def test_fsdp_step_equals_replicated(module, fsdp, restore, tmp_path):
     saved = ckpt_lib.RunCheckpoints(tmp_path / "fsdp", async_save=False)
     saved.save(STEPS, sharded, data_iter)
     saved.close()
-    _, as_replicated, _ = ckpt_lib.restore_state(tmp_path / "fsdp", replicated_config,
+    _, as_replicated, _ = restore_lib.restore_state(tmp_path / "fsdp", replicated_config,
                                                  parallel.make_mesh(1))
     assert jax.tree_util.tree_leaves(as_replicated["params"])[0].sharding.is_fully_replicated
     chex.assert_trees_all_equal(jax.device_get(as_replicated), jax.device_get(sharded))
-    _, as_fsdp2, _ = ckpt_lib.restore_state(tmp_path / "fsdp", _config(module, 2),
+    _, as_fsdp2, _ = restore_lib.restore_state(tmp_path / "fsdp", _config(module, 2),
                                             parallel.make_mesh(2))
     _assert_fsdp_sharded(_biggest_leaf(as_fsdp2["params"])[1], 2, "restored with fsdp=2")
     chex.assert_trees_all_equal(jax.device_get(as_fsdp2), jax.device_get(sharded))

@@ -17,6 +17,7 @@ import pytest
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import parallel
+from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,8 +111,8 @@ def test_two_processes_train_like_one(tmp_path):
     config = ckpt_lib.load_run_config(two)
     assert config == ckpt_lib.load_run_config(one)
     mesh = parallel.make_mesh()
-    _, state_one, step_one = ckpt_lib.restore_state(one, config, mesh)
-    _, state_two, step_two = ckpt_lib.restore_state(two, config, mesh)
+    _, state_one, step_one = restore_lib.restore_state(one, config, mesh)
+    _, state_two, step_two = restore_lib.restore_state(two, config, mesh)
     assert step_one == step_two == STEPS
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64)
                                                                     - np.asarray(b)))),

@@ -53,7 +53,7 @@ def test_every_config_runs_one_step(path, tmp_path, request):
 def test_stop_and_resume_equals_uninterrupted(trained_run, tmp_path):
     config, full_dir = trained_run
     train.train(config, str(tmp_path), stop_at_step=3)
-    assert ckpt_lib.RunCheckpoints(tmp_path, read_only=True).all_steps() == [3]
+    assert ckpt_lib.ReadOnlyCheckpoints(tmp_path).all_steps() == [3]
     resumed = train.train(config, str(tmp_path))  # a new start in the same workdir resumes
     assert int(resumed["step"]) == 6
 
@@ -145,5 +145,5 @@ def test_relative_workdir(tmp_path, monkeypatch):
     with config.unlocked():
         config.total_steps = 1
     train.train(config, "workdirs/run")
-    assert ckpt_lib.RunCheckpoints("workdirs/run", read_only=True).all_steps() == [1]
+    assert ckpt_lib.ReadOnlyCheckpoints("workdirs/run").all_steps() == [1]
     assert (tmp_path / "workdirs" / "run" / "export" / "1" / "encoder.json").exists()

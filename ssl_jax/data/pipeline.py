@@ -54,11 +54,11 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from ssl_jax.data.sources import DataError, make_source
+from ssl_jax.data import sources
+from ssl_jax.data.sources import DataError, Field, make_source
 
 MAX_CORRUPT_FRACTION = 0.01
 CORRUPT_GRACE = 10
-_UNDECODABLE = np.iinfo(np.int32).min  # label of a record whose image could not be decoded
 UNLABELLED = -1  # the label of an unlabelled split's records (TFDS convention)
 
 
@@ -122,17 +122,24 @@ def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
 
 
 class DecodedSource:
-    """Wraps a source of `ssl_jax.data.sources`: records become
-    `{'image': uint8 [size, size, 3], 'label': int32}`, label -1 for an undecodable image.
+    """Wraps a source of `ssl_jax.data.sources`: records become exactly the declared `fields`
+    (`sources.source_fields(data_cfg)`; an int: image and label of that image size): `'image'`
+    decoded to uint8 `[size, size, 3]`, the others cast to their declared dtype and checked
+    against their shape. An undecodable image gives None (a
+    Grain dataset skips it) or, with `with_mask`, zeros and `mask` False (evaluation).
 
     Decoding here rather than in a Grain map lets Grain's read threads (`ReadOptions`) decode
     in parallel even with `num_workers=0`. Counts undecodable images (module docstring).
     """
 
-    def __init__(self, source: Any, image_size: int, unlabelled_ok: bool = False):
+    def __init__(self, source: Any, fields: dict[str, Field] | int, unlabelled_ok: bool = False,
+                 with_mask: bool = False):
         self._source = source
-        self._size = image_size
+        self._fields = dict(sources.image_label_fields(fields) if isinstance(fields, int)
+                            else fields)
+        self._size = self._fields["image"].shape[0]
         self._unlabelled_ok = unlabelled_ok  # label -1 passes (pre-training reads no labels)
+        self._with_mask = with_mask
         self.num_classes = source.num_classes
         self._lock = threading.Lock()
         self._read = 0
@@ -142,7 +149,7 @@ class DecodedSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # that of the DataLoader era, so that its states still restore
         return f"DecodedSource({self._source!r}, image_size={self._size})"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -152,24 +159,34 @@ class DecodedSource:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self._source[index]
         try:
             image = decode_image(record["image"], self._size)
         except UndecodableImageError as e:
             self._count_undecodable(record["id"], e)
-            return {"image": np.zeros((self._size, self._size, 3), np.uint8),
-                    "label": np.int32(_UNDECODABLE)}
+            if not self._with_mask:
+                return None
+            return {**empty_batch(self._fields, None), "mask": np.False_}
         with self._lock:
             self._read += 1
-        label = record["label"]
-        if not (0 <= label < self.num_classes or self._unlabelled_ok and label == UNLABELLED):
+        out = {"image": image}
+        for name, field in self._fields.items():
+            if name != "image":
+                out[name] = np.asarray(record[name], dtype=field.dtype)
+                if out[name].shape != tuple(field.shape):
+                    raise DataError(f"record {record['id']}: field {name!r} has shape "
+                                    f"{list(out[name].shape)}, but its source declares "
+                                    f"{list(field.shape)}: fix the source or its fields().")
+        label = out.get("label")
+        if label is not None and not (0 <= label < self.num_classes or
+                                      self._unlabelled_ok and label == UNLABELLED):
             raise DataError(
                 f"record {record['id']} has label {label}, outside [0, {self.num_classes}) of the "
                 f"source's {self.num_classes} classes: fix the dataset's labels (an unlabelled "
                 "split, label -1, can be pre-trained on but not evaluated: choose a labelled "
                 "split for the evaluation job).")
-        return {"image": image, "label": np.int32(label)}
+        return {**out, "mask": np.True_} if self._with_mask else out
 
     def _count_undecodable(self, record_id: str, error: Exception) -> None:
         with self._lock:
@@ -189,48 +206,39 @@ class DecodedSource:
                 "that `PIL.Image.open(path).load()` rejects.")
 
 
-class _KeepDecodable(grain.transforms.Filter):
-    def filter(self, element: dict[str, Any]) -> bool:
-        return bool(element["label"] != _UNDECODABLE)
+def empty_batch(fields: dict[str, Field], size: int | None) -> dict[str, np.ndarray]:
+    """Zeros of every field, `[size, *shape]` (one example's `shape` for `size=None`)."""
+    lead = () if size is None else (size,)
+    return {name: np.zeros(lead + tuple(f.shape), f.dtype) for name, f in fields.items()}
 
 
-class GlobalShuffleSampler:
-    """Grain sampler of an endless, globally shuffled stream (see the module docstring).
+class _StreamKeys(grain.transforms.Map):
+    """Position `i` of this process's training stream -> the record key (module docstring).
 
     Global position `g` holds record `perm_{g div N}[g mod N]`, with `perm_e` a permutation of
-    `range(N)` drawn from (seed, e) by Grain's index shuffle. The sampler of process `p` of `P`
-    (with `local_batch = B / P` rows per global batch of `B`) maps its own position
+    `range(N)` drawn from (seed, e) by Grain's index shuffle. Process `p` of `P` (with
+    `local_batch = B / P` rows per global batch of `B`) maps its own position
     `i = k * local_batch + j` to the global position `k * B + p * local_batch + j`: row `j` of
     its `k`-th batch is row `p * local_batch + j` of global batch `k`.
     """
 
-    def __init__(self, num_records: int, seed: int, local_batch: int = 1,
-                 process_index: int = 0, process_count: int = 1):
-        self._num_records = num_records
-        self._seed = seed
+    def __init__(self, num_records: int, seed: int, local_batch: int, process_index: int,
+                 process_count: int):
         self._local_batch = local_batch
         self._process_index = process_index
         self._process_count = process_count
         self._keys = grain.MapDataset.range(num_records).shuffle(seed=seed)
-
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def __repr__(self) -> str:
-        shard = "" if self._process_count == 1 else (
-            f", local_batch={self._local_batch}, process_index={self._process_index}, "
-            f"process_count={self._process_count}")  # 1 process: as before, old states restore
-        return f"GlobalShuffleSampler(num_records={self._num_records}, seed={self._seed}{shard})"
+        shard = "" if process_count == 1 else (
+            f", local_batch={local_batch}, process_index={process_index}, "
+            f"process_count={process_count}")  # 1 process: the DataLoader era's sampler repr
+        self.layout = f"GlobalShuffleSampler(num_records={num_records}, seed={seed}{shard})"
 
     def global_position(self, index: int) -> int:
         batch, row = divmod(index, self._local_batch)
         return (batch * self._process_count + self._process_index) * self._local_batch + row
 
-    def __getitem__(self, index: int) -> grain.RecordMetadata:
-        if index < 0:
-            raise IndexError(f"negative sampler index {index}")
-        return grain.RecordMetadata(
-            index=index, record_key=int(self._keys[self.global_position(index)]))
+    def map(self, index: int) -> int:
+        return int(self._keys[self.global_position(int(index))])
 
 
 def _check_processes(process_index: int, process_count: int) -> None:
@@ -254,13 +262,76 @@ def read_options(data_cfg: ml_collections.ConfigDict, local_batch: int) -> grain
                              prefetch_buffer_size=max(2 * local_batch, 64))
 
 
+class TrainIterator(grain.DatasetIterator):
+    """The training stream's iterator: batches of a Grain `IterDataset` started at stream
+    position `start`, with `get_state()` / `set_state()` (and so `grain.checkpoint`'s Orbax
+    handler).
+
+    State: `{'layout': the stream, source and worker count it belongs to, 'start': int,
+    'grain': the Grain iterator's own state}`; `set_state` refuses a state of another layout.
+
+    States written by the DataLoader iterator of earlier versions (keys `last_seen_indices`,
+    `sampler`, `data_source`, `worker_count`) are converted: their sampler index `i` is stream
+    position `i` here, so the stream restarts at `start = max(last_seen_indices) + 1`. With
+    `worker_count=0` (the default) that is exactly where the old iterator stood: the run resumes
+    bit for bit. With worker processes the old workers had read interleaved positions; the
+    stream then restarts, deterministically, after the furthest one read (a few records of the
+    last batches may be skipped) and a warning says so.
+    """
+
+    def __init__(self, dataset: Any, layout: str, num_workers: int):
+        self._dataset = dataset  # start -> IterDataset of batches
+        self._layout = layout
+        self._num_workers = num_workers
+        self._start = 0
+        super().__init__(iter(dataset(0)))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"layout": self._layout, "start": self._start, "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "last_seen_indices" in state:
+            state = self._convert_data_loader_state(state)
+        if state.get("layout") != self._layout:
+            raise DataError(f"the saved data position belongs to {state.get('layout')!r}, not to "
+                            f"this pipeline, {self._layout!r}: the data config changed.")
+        self._start = int(state["start"])
+        self._parent.close()  # its worker processes, if any
+        self._parents = (iter(self._dataset(self._start)),)
+        if state.get("grain") is not None:
+            self._parent.set_state(state["grain"])
+
+    def start_prefetch(self) -> None:
+        self._parent.start_prefetch()
+
+    def _convert_data_loader_state(self, old: dict[str, Any]) -> dict[str, Any]:
+        workers = int(old["worker_count"])
+        layout = f"{old['sampler']}, {old['data_source']}, num_workers={workers}"
+        start = max(int(i) for i in old["last_seen_indices"].values()) + 1
+        if workers != self._num_workers:
+            raise DataError(f"the saved data position was written with data.num_workers="
+                            f"{workers}; resume with --config.data.num_workers={workers}.")
+        if workers > 0:
+            logging.warning(
+                "converting a data position saved by the DataLoader iterator with %d workers: "
+                "the stream restarts at position %d, after the furthest record read, so a few "
+                "records of the last batches may be skipped (not bit for bit)", workers, start)
+        return {"layout": layout, "start": start, "grain": None}
+
+
 def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.DataLoader:
+                 process_index: int = 0, process_count: int = 1, source: Any = None
+                 ) -> grain.IterDataset:
     """Endless shuffled training batches of this process (see the module docstring).
 
-    `iter(loader)` yields `{'image': uint8 [global_batch_size / process_count, S, S, 3],
-    'label': int32 [global_batch_size / process_count]}` with `S = data_cfg.image_size`; the
-    iterator has `get_state()` / `set_state()`. Same config and seed, same batches.
+    `iter(loader)` is a :class:`TrainIterator` yielding exactly the source's declared fields
+    (`sources.source_fields`), e.g. `{'image': uint8 [b, S, S, 3], 'label': int32 [b]}` with
+    `b = global_batch_size / process_count`, `S = data_cfg.image_size`. Same config and seed,
+    same batches. `source` replaces the training split (e.g. a labelled subset; its labels
+    must then lie in `[0, num_classes)`).
 
     Raises:
       DataError: bad data config, a batch size that the processes cannot share evenly or that
@@ -270,36 +341,43 @@ def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
     local_batch = _local_batch_size(global_batch_size, process_count, "global_batch_size")
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DataError(f"the data seed must be an integer in [0, 2**32), got {seed!r}.")
-    source = make_source(data_cfg, data_cfg.train_split)
+    fields = sources.source_fields(data_cfg)
+    unlabelled_ok = source is None
+    source = source if source is not None else make_source(data_cfg, data_cfg.train_split)
     if global_batch_size > len(source):
         raise DataError(f"global_batch_size={global_batch_size} exceeds the {len(source)} "
                         f"examples of split {data_cfg.train_split!r}: use a smaller batch size.")
-    return grain.DataLoader(
-        data_source=DecodedSource(source, data_cfg.image_size, unlabelled_ok=True),
-        sampler=GlobalShuffleSampler(len(source), int(seed), local_batch, process_index,
+    return _TrainDataset(DecodedSource(source, fields, unlabelled_ok=unlabelled_ok),
+                         _StreamKeys(len(source), int(seed), local_batch, process_index,
                                      process_count),
-        operations=[_KeepDecodable(),
-                    grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)],
-        worker_count=data_cfg.num_workers,
-        worker_buffer_size=data_cfg.get("prefetch", 2),
-        shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
-        read_options=read_options(data_cfg, local_batch),
-    )
+                         local_batch, data_cfg)
 
 
-def _padded(batch: dict[str, np.ndarray] | None, size: int, image_size: int
-            ) -> dict[str, np.ndarray]:
-    """Pads a batch of n <= size decoded records to `size` rows; `mask` marks real images."""
-    image = np.zeros((size, image_size, image_size, 3), np.uint8)
-    label = np.full((size,), _UNDECODABLE, np.int32)
-    if batch is not None:
-        n = batch["label"].shape[0]
-        image[:n], label[:n] = batch["image"], batch["label"]
-    mask = label != _UNDECODABLE
-    out = {"image": image, "label": np.where(mask, label, 0).astype(np.int32), "mask": mask}
-    chex.assert_shape(out["image"], (size, image_size, image_size, 3))
-    chex.assert_shape([out["label"], out["mask"]], (size,))
-    return out
+class _TrainDataset(grain.IterDataset):
+    """`train_loader`'s dataset: stream positions -> record keys -> decoded records (an
+    undecodable one skipped) -> batches, `data.num_workers` worker processes."""
+
+    def __init__(self, decoded: DecodedSource, keys: _StreamKeys, local_batch: int,
+                 data_cfg: ml_collections.ConfigDict):
+        super().__init__()
+        self._decoded, self._keys, self._local_batch = decoded, keys, local_batch
+        self._workers = data_cfg.num_workers
+        self._prefetch = data_cfg.get("prefetch", 2)
+        self._read_options = read_options(data_cfg, local_batch)
+        self.layout = f"{keys.layout}, {decoded!r}, num_workers={self._workers}"
+
+    def from_position(self, start: int) -> grain.IterDataset:
+        records = (grain.MapDataset.range(start, sys.maxsize).map(self._keys)
+                   .map(self._decoded.__getitem__))
+        ds = records.to_iter_dataset(self._read_options).batch(self._local_batch,
+                                                              drop_remainder=True)
+        if self._workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._workers, per_worker_buffer_size=self._prefetch))
+        return ds
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self.from_position, self.layout, self._workers)
 
 
 def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: int,
@@ -312,23 +390,24 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
     `ceil(ceil(N / process_count) / b)` of batches.
 
     Yields:
-      `{'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask': bool [b]}`; `mask` is False
-      for padding and undecodable images (their label is 0).
+      the source's declared fields plus `mask`, e.g. `{'image': uint8 [b, S, S, 3],
+      'label': int32 [b], 'mask': bool [b]}`; `mask` is False for padding and undecodable
+      images (their fields are zeros).
 
     Raises (at the call, not at the first batch):
       DataError: bad data config or a batch size that the processes cannot share evenly.
     """
     _check_processes(process_index, process_count)
     local_batch = _local_batch_size(batch_size, process_count, "batch_size")
+    fields = sources.source_fields(data_cfg)
     source = make_source(data_cfg, split)
-    size = data_cfg.image_size
     share = -(-len(source) // process_count)
     start = min(process_index * share, len(source))
     stop = min(start + share, len(source))
     num_batches = -(-share // local_batch)
     batches: Any = iter(())
     if stop > start:
-        ds = grain.MapDataset.source(DecodedSource(source, size))[start:stop]
+        ds = grain.MapDataset.source(DecodedSource(source, fields, with_mask=True))[start:stop]
         it = ds.to_iter_dataset(read_options(data_cfg, local_batch))
         if data_cfg.num_workers > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(
@@ -338,9 +417,22 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
         for _ in range(num_batches):
-            yield _padded(next(batches, None), local_batch, size)
+            yield _padded(next(batches, None), local_batch, fields)
 
     return generate()
+
+
+def _padded(batch: dict[str, np.ndarray] | None, size: int, fields: dict[str, Field]
+            ) -> dict[str, np.ndarray]:
+    """Pads a batch of n <= size records to `size` rows; `mask` marks real images."""
+    out = {**empty_batch(fields, size), "mask": np.zeros((size,), bool)}
+    if batch is not None:
+        n = batch["mask"].shape[0]
+        for name in out:
+            out[name][:n] = batch[name]
+    for name, field in fields.items():
+        chex.assert_shape(out[name], (size, *field.shape))
+    return out
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:

@@ -1,8 +1,11 @@
 """Where examples come from: the built-in digits, a TFDS catalogue dataset, an image folder.
 
 `make_source(data_cfg, split)` returns a random-access source for Grain (`__len__`,
-`__getitem__`, a stable `__repr__` that Grain checks when it restores a checkpointed
-position, and `num_classes`). Its records are dicts
+`__getitem__`, a stable `__repr__` that the pipeline checks when it restores a checkpointed
+position, `num_classes`, and the classmethod `fields(data_cfg)`: the fields, name ->
+`Field(shape, dtype)`, of the examples the pipeline emits, e.g. image uint8
+`[image_size, image_size, 3]` and label int32 `[]`; `source_fields(data_cfg)` gives them
+without reading data, for the model's init batch). Its records are dicts
 
     {'image': uint8 [height, width, channels] array OR encoded image bytes (JPEG/PNG),
      'label': int in [0, num_classes),
@@ -34,7 +37,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -47,6 +50,31 @@ CIFAR10_ARCHIVE = "../shared/datasets/cifar10-jpeg.tar.gz"
 
 class DataError(ValueError):
     """A problem with the user's data or data config; the message names the fix."""
+
+
+class Field(NamedTuple):
+    """One field of the examples a source declares: the shape and dtype of one example's value
+    *after* the pipeline (images decoded and resized), e.g. ``Field((32, 32, 3), 'uint8')``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def image_label_fields(image_size: int) -> dict[str, Field]:
+    """``{'image': uint8 [image_size, image_size, 3], 'label': int32 []}``: the fields of every
+    classification source (the digits, TFDS, an image folder)."""
+    return {"image": Field((image_size, image_size, 3), "uint8"), "label": Field((), "int32")}
+
+
+class _ImageLabelFields:
+    """Sources of labelled images declare :func:`image_label_fields`."""
+
+    @classmethod
+    def fields(cls, data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
+        """The fields of the pipeline's examples (name -> :class:`Field`), from the config
+        alone: ``'image'`` is decoded to ``data.image_size``; every other field passes through
+        as given by ``source[i][name]``, cast to its dtype."""
+        return image_label_fields(data_cfg.image_size)
 
 
 def data_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -85,7 +113,7 @@ def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
 
 
-class TfdsSource:
+class TfdsSource(_ImageLabelFields):
     """A TFDS ArrayRecord split as `{'image', 'label', 'id'}` records."""
 
     def __init__(self, data_source: Any, *, name: str, split: str, num_classes: int,
@@ -111,7 +139,7 @@ class TfdsSource:
                 f"num_records={self._len}, num_classes={self.num_classes})")
 
 
-class ImageFolderSource:
+class ImageFolderSource(_ImageLabelFields):
     """`ROOT/SPLIT/CLASS/*.{jpg,jpeg,png}` as `{'image': encoded bytes, 'label', 'id': path}`.
 
     Attributes:
@@ -321,6 +349,18 @@ def resolve_source(data_cfg: ml_collections.ConfigDict) -> str:
                     f"{_tfds_build_hint(name, data_dir)}, {_folder_hint(name)}.")
 
 
+# The class that reads each kind of source (tests substitute one that declares more fields).
+SOURCE_CLASSES: dict[str, type] = {"builtin": TfdsSource, "tfds": TfdsSource,
+                                   "folder": ImageFolderSource}
+
+
+def source_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
+    """The fields (name -> :class:`Field`) of the examples the pipeline emits for this config,
+    as the source's class declares them; reads no data (but resolves ``source='auto'``)."""
+    check_data_config(data_cfg)
+    return dict(SOURCE_CLASSES[resolve_source(data_cfg)].fields(data_cfg))
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> TfdsSource | ImageFolderSource:
     """A random-access source over `split` of the dataset that `data_cfg` names.
 
@@ -340,7 +380,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> TfdsSource |
 
         return _wrap_tfds(digits.prepare(data_dir), "digits", split)
     if kind == "folder":
-        return ImageFolderSource(data_cfg.root, split, class_split=data_cfg.train_split)
+        return SOURCE_CLASSES["folder"](data_cfg.root, split, class_split=data_cfg.train_split)
     builder, reason = _tfds_builder(data_cfg.name, data_dir)
     if builder is None:
         raise DataError(f"{reason}: {_tfds_build_hint(data_cfg.name, data_dir)}, "

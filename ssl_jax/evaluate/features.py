@@ -13,8 +13,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ssl_jax import methods, parallel
-from ssl_jax.checkpoint import restore_state
 from ssl_jax.data import augment, pipeline
+from ssl_jax.restore import restore_state
 from ssl_jax.step import example_batch
 
 # Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to

@@ -2,7 +2,7 @@
 (SimCLR's semi-supervised 1% / 10% protocol) and an endless shuffled loader over it.
 
 The loader is ``ssl_jax.data.pipeline.train_loader`` over a subset of the training split: the same
-Grain sampler (global shuffle by index, a new permutation every epoch), decoding and sharding per
+Grain stream (global shuffle by index, a new permutation every epoch), decoding and sharding per
 process, only the records are those of the chosen indices.
 """
 
@@ -75,25 +75,14 @@ class SubsetSource:
 def labelled_train_loader(
     data_cfg: ml_collections.ConfigDict, indices: np.ndarray | None, *, global_batch_size: int,
     seed: int, process_index: int = 0, process_count: int = 1,
-) -> grain.DataLoader:
+) -> grain.IterDataset:
     """Endless shuffled batches ``{'image': uint8 [b, S, S, 3], 'label': int32 [b]}`` of this
     process (``b = global_batch_size / process_count``) over ``indices`` of the training split
     (None: all of it, exactly ``pipeline.train_loader``)."""
     if indices is None:
         return pipeline.train_loader(data_cfg, global_batch_size=global_batch_size, seed=seed,
                                      process_index=process_index, process_count=process_count)
-    pipeline._check_processes(process_index, process_count)
-    local_batch = pipeline._local_batch_size(global_batch_size, process_count,
-                                             "global_batch_size")
     source = SubsetSource(make_source(data_cfg, data_cfg.train_split), indices)
-    return grain.DataLoader(
-        data_source=pipeline.DecodedSource(source, data_cfg.image_size),
-        sampler=pipeline.GlobalShuffleSampler(len(source), int(seed), local_batch,
-                                              process_index, process_count),
-        operations=[pipeline._KeepDecodable(),
-                    grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)],
-        worker_count=data_cfg.num_workers,
-        worker_buffer_size=data_cfg.get("prefetch", 2),
-        shard_options=grain.sharding.NoSharding(),  # the sampler holds this process's share
-        read_options=pipeline.read_options(data_cfg, local_batch),
-    )
+    return pipeline.train_loader(data_cfg, global_batch_size=global_batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count,
+                                 source=source)

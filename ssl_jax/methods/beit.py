@@ -93,11 +93,14 @@ def masked_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
 
 def load_tokenizer_run(workdir: str, mesh: Mesh | None) -> tuple[Any, ml_collections.ConfigDict]:
     """``(tokenizer method, its run config)`` of the dVAE run in ``workdir``."""
-    from ssl_jax import checkpoint  # a run of another method: the one reach to the right
+    # A run of another method: the one reach to the right, imported late (ssl_jax.restore sits
+    # above the method layer; it only reads the tokenizer run, never through a
+    # CheckpointManager).
+    from ssl_jax import restore
 
     try:
-        tok_config = checkpoint.load_run_config(workdir)
-    except checkpoint.WorkdirError as e:
+        tok_config = restore.load_run_config(workdir)
+    except restore.WorkdirError as e:
         raise ConfigError(f"config.beit.tokenizer_workdir: {e}") from None
     require(tok_config.method == "dvae", "beit.tokenizer_workdir",
             f"{workdir} holds a {tok_config.method!r} run, not a dVAE tokenizer; train one with "
@@ -130,9 +133,9 @@ class BEiT(MethodBase):
     def restore_tokenizer(self) -> Any:
         """The tokenizer's trained parameters from its latest good checkpoint (host arrays; read
         here, outside any trace, so that ``init`` can return them under jit)."""
-        from ssl_jax import checkpoint
+        from ssl_jax import restore  # read-only, see load_tokenizer_run
 
-        _, state, _ = checkpoint.restore_state(
+        _, state, _ = restore.restore_state(
             self.config.beit.tokenizer_workdir, self.tokenizer_config, self.mesh)
         return jax.device_get(state["params"])
 
