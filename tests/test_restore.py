@@ -146,6 +146,9 @@ class _CaptionedFolder(sources.ImageFolderSource):
 def test_example_batch_and_pipeline_follow_the_declared_fields(tmp_path, monkeypatch):
     from PIL import Image
 
+    # The layout of a state needs no data: ImageNet's fields, nothing prepared, no root.
+    absent = sources.data_config(name="imagenet2012", image_size=224)
+    assert sources.source_fields(absent) == sources.image_label_fields(224)
     for i in range(8):
         (tmp_path / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (6, 6), (i, 0, 0)).save(tmp_path / "train" / f"c{i % 2}" / f"{i}.png")
@@ -166,3 +169,44 @@ def test_example_batch_and_pipeline_follow_the_declared_fields(tmp_path, monkeyp
     assert set(eval_batch) == {"image", "label", "tokens", "mask"}
     np.testing.assert_array_equal(eval_batch["tokens"][:8], np.arange(4) + np.arange(8)[:, None])
     assert not eval_batch["tokens"][8:].any() and int(eval_batch["mask"].sum()) == 8
+
+
+_WORKERS_SCRIPT = '''
+import json, sys
+import numpy as np
+from absl import app
+from ssl_jax.data import pipeline, sources
+
+
+def main(_):
+    cfg = sources.data_config(image_size=8, num_workers=2)
+    it = iter(pipeline.train_loader(cfg, global_batch_size=16, seed=0))
+    [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    after = [next(it) for _ in range(2)]
+    resumed = iter(pipeline.train_loader(cfg, global_batch_size=16, seed=0))
+    resumed.set_state(state)
+    for a in after:
+        b = next(resumed)
+        assert set(b) == {"image", "label"}
+        np.testing.assert_array_equal(a["image"], b["image"])
+    print("resumed exactly")
+
+
+if __name__ == "__main__":
+    app.run(main)
+'''
+
+
+def test_worker_processes_resume_exactly(tmp_path):
+    """``data.num_workers=2`` (Grain's ``mp_prefetch``, spawned processes: a script of its own)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKERS_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0 and "resumed exactly" in done.stdout, done.stderr[-3000:]

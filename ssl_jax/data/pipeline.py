@@ -22,10 +22,15 @@ batch: the same examples in the same order, whatever the number of processes (wi
 `num_workers=0`). Within an epoch the processes' shares are disjoint and cover the data.
 (Each of `num_workers` Grain workers builds whole batches from every `num_workers`-th record
 of its process's stream, so the batches depend on `num_workers`; they stay deterministic.
-An undecodable image is replaced by the next record of the same process's stream.) The
-iterator's `get_state()` / `set_state()` (and `grain.checkpoint.CheckpointSave` /
-`CheckpointRestore` for Orbax) resume at the exact batch; a restore checks that the sampler
-(with the process layout), the source and `num_workers` match.
+An undecodable image is replaced by the next record of the same process's stream.) Both
+training and evaluation use Grain's Dataset API (`grain.MapDataset` -> `IterDataset`). The
+training iterator's `get_state()` / `set_state()` (and `grain.checkpoint.CheckpointSave` /
+`CheckpointRestore` for Orbax) resume at the exact batch; a restore checks that the stream
+(with the process layout), the source and `num_workers` match, and converts a state saved by
+the `grain.DataLoader` of earlier versions (see `TrainIterator`).
+
+Fields: every batch holds exactly the fields the source declares (`sources.source_fields`;
+`image` decoded here, the others cast to their declared dtype); evaluation adds `mask`.
 
 Evaluation order (`eval_batches`): one pass in the source's order; process `p` reads the
 contiguous share `[p * ceil(N / P), (p + 1) * ceil(N / P))`; every process yields the same

@@ -356,8 +356,15 @@ SOURCE_CLASSES: dict[str, type] = {"builtin": TfdsSource, "tfds": TfdsSource,
 
 def source_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
     """The fields (name -> :class:`Field`) of the examples the pipeline emits for this config,
-    as the source's class declares them; reads no data (but resolves ``source='auto'``)."""
+    as the source's class declares them. Reads no data, so that a state's layout can be built
+    where the data is absent (``source='auto'`` between TFDS and a folder is resolved only if
+    their classes declare different fields)."""
     check_data_config(data_cfg)
+    source, name = data_cfg.source, data_cfg.name
+    if source == "auto" and name not in ("digits", "folder"):
+        candidates = [SOURCE_CLASSES[kind].fields(data_cfg) for kind in ("tfds", "folder")]
+        if candidates[0] == candidates[1]:
+            return dict(candidates[0])
     return dict(SOURCE_CLASSES[resolve_source(data_cfg)].fields(data_cfg))
 
 
