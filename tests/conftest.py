@@ -1,11 +1,19 @@
-"""Test set-up: 8 forced CPU devices (for the 1-vs-N device checks), before JAX starts."""
+"""Test set-up, before JAX starts: 8 forced CPU devices (for the 1-vs-N device checks), fast XLA
+compile options and a persistent compilation cache shared by every pytest-xdist worker and
+every subprocess a test starts (see tests/xla_env.py)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests import xla_env  # the repository root is on sys.path (pyproject's pythonpath)
+
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), xla_env.CPU_COMPILE_FLAGS,
+    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Set in the environment, not only through jax.config: subprocesses inherit it. An explicit
+# JAX_COMPILATION_CACHE_DIR in the caller's environment wins.
+for _name, _value in xla_env.cache_env().items():
+    os.environ.setdefault(_name, _value)
 
 import tempfile  # noqa: E402
 

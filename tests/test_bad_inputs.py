@@ -24,6 +24,7 @@ from ssl_jax.config import ConfigError
 from ssl_jax.data import pipeline, sources
 from ssl_jax.data.sources import DataError
 from ssl_jax.evaluate import __main__ as evaluate_job
+from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL = "data=digits,runlocal"
@@ -38,7 +39,7 @@ def _config(arg=RUNLOCAL, **changes):
 
 def _cli(module, *args, timeout=300):
     """``python -m module args`` on one CPU device: the completed process."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout)
 
@@ -293,7 +294,7 @@ def test_read_only_workdir(tmp_path):
                            capture_output=True) if shutil.which("unshare") else None
     if probe is None or probe.returncode:
         pytest.skip("no private mount namespace here (needs unshare and CAP_SYS_ADMIN)")
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         ["unshare", "-m", "sh", "-c", script, str(mount), sys.executable, "-m", TRAIN,
          "--config", SIMCLR, "--workdir", str(mount / "run")],

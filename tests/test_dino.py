@@ -381,7 +381,7 @@ def test_evaluation_uses_teacher_and_writes_attention_picture(dino_runs):
                                 full["extra"]["teacher"]["encoder"])
     results = evaluate_job.evaluate(str(workdir), ["eval.random_init_baseline=false",
                                                    "eval.probe_epochs=2"])
-    assert results["method"] == "dino" and 0.0 <= results["ssl"]["knn_top1"] <= 1.0
+    assert results["method"] == "dino" and results["ssl"]["knn_top1"] > 0.2  # chance: 0.1
     picture = Image.open(workdir / "attention_step3.png")
     heads = 3  # vit_ti: 3 heads
     assert picture.size == ((heads + 1) * pictures.TILE + heads * pictures.GAP,

@@ -275,7 +275,7 @@ def test_train_then_evaluate_writes_pictures(tmp_path):
     assert all(k in rows[-1] for k in ("recon_mse", "kl", "temperature", "kl_weight",
                                        "perplexity", "unused_tokens", "hard_recon_mse"))
     results = evaluate_main.evaluate(str(tmp_path))
-    assert 0.0 <= results["ssl"]["linear_top1"] <= 1.0
+    assert results["ssl"]["linear_top1"] > 0.2  # chance: 0.1
     assert results["ssl"]["feature_dim"] == 16  # hidden_dim 8 x 2**1
     picture = Image.open(results["reconstruction_picture"])
     assert picture.size == (2 * 96 + 2, 4 * 96 + 3 * 2)  # original | reconstruction

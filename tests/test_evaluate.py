@@ -17,8 +17,10 @@ def test_evaluation_job_on_tiny_checkpoint(trained_run, capsys):
     assert results["step"] == 3
     for key in ("ssl", "random_init"):
         r = results[key]
-        assert 0.0 <= r["linear_top1"] <= 1.0 and 0.0 <= r["knn_top1"] <= 1.0
         assert r["num_train"] == 256 and r["num_test"] == 128  # runlocal subsets
+        for name in ("linear_top1", "knn_top1"):  # chance: 0.1; 0.40-0.58 measured
+            assert r[name] > 0.2, (key, name, r[name])
+            assert abs(r[name] * 128 - round(r[name] * 128)) < 1e-6, (key, name, r[name])
     saved = json.loads((workdir / "eval.json").read_text())
     assert saved["step_3"]["ssl"] == results["ssl"]
     assert "linear top-1" in capsys.readouterr().out

@@ -2,9 +2,9 @@
 values. Whatever happens, a restarted run ends with the same state and data position, bit for
 bit, as one that was never interrupted.
 
-Trainer runs are subprocesses on 1 CPU device (``XLA_FLAGS=""``) of the same 40-step SimCLR
+Trainer runs are subprocesses on 1 CPU device of the same 40-step SimCLR
 run (``data=digits,runlocal``), so that they share one uninterrupted reference run and a
-persistent compilation cache. Faults are injected by ``tests/fault_driver.py``.
+persistent compilation cache (the session's). Faults are injected by ``tests/fault_driver.py``.
 """
 
 import glob
@@ -28,6 +28,7 @@ from ssl_jax import faults, methods, parallel
 from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline
 from ssl_jax.step import build_state
+from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 40
@@ -36,14 +37,12 @@ RUN_FLAGS = ("--config", "configs/simclr.py:data=digits,runlocal",
 
 
 @pytest.fixture(scope="module")
-def run_env(tmp_path_factory):
-    """Environment of the subprocess runs: 1 device, a shared compilation cache."""
+def run_env():
+    """Environment of the subprocess runs: 1 device; the session's compile options and
+    compilation cache (tests/xla_env.py)."""
     return dict(
-        os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
+        os.environ, XLA_FLAGS=xla_env.xla_flags(), JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         SSL_JAX_PEAK_FLOPS="1e11",  # skips the peak measurement at every start (mfu metric)
     )
 

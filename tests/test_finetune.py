@@ -181,16 +181,22 @@ def _snapshot(workdir):
     return out
 
 
+def _is_a_fraction_of(num_test: int, top1: float) -> bool:
+    """``top1`` is a share of ``num_test`` test images: ``k / num_test`` for an integer k."""
+    k = round(top1 * num_test)
+    return 0 <= k <= num_test and abs(top1 - k / num_test) < 1e-6
+
+
 def test_finetune_job_pretrained_and_from_scratch(trained_run, capsys):
     _, workdir = trained_run
     before = _snapshot(workdir)
     pre = finetune_job.finetune(str(workdir), RUNLOCAL)
     assert pre["init"] == "pretrained" and pre["checkpoint_step"] == 6
-    assert 0.0 <= pre["test_top1"] <= 1.0 and pre["num_test"] == 360
+    assert pre["num_test"] == 360 and _is_a_fraction_of(360, pre["test_top1"])
     assert pre["num_labelled"] == 1437 and pre["steps"] == 6
     scratch = finetune_job.finetune(str(workdir), RUNLOCAL,
                                     ["from_scratch=True", "label_fraction=0.1"])
-    assert scratch["init"] == "from_scratch" and 0.0 <= scratch["test_top1"] <= 1.0
+    assert scratch["init"] == "from_scratch" and _is_a_fraction_of(360, scratch["test_top1"])
     assert scratch["num_labelled"] == 145  # 10% of each class of the 1,437, rounded
     saved = json.loads((workdir / "finetune.json").read_text())
     assert {"pretrained@step6,label_fraction=1.0",

@@ -366,4 +366,5 @@ def test_local_sh_trains_and_evaluates_the_smoke_config(tmp_path):
     assert steps and steps[-1] == 6
     results = json.loads((workdir / "eval.json").read_text())
     assert results["step_6"]["step"] == 6
-    assert 0.0 <= results["step_6"]["ssl"]["linear_top1"] <= 1.0
+    assert results["step_6"]["ssl"]["linear_top1"] > 0.2  # chance: 0.1; ~0.5 measured
+    assert results["step_6"]["random_init"]["num_test"] == 128

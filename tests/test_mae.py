@@ -170,7 +170,7 @@ def test_train_then_evaluate_writes_reconstruction_picture(tmp_path):
         config.eval.random_init_baseline = False
     train.train(config, str(tmp_path))
     results = evaluate_main.evaluate(str(tmp_path))
-    assert 0.0 <= results["ssl"]["linear_top1"] <= 1.0
+    assert results["ssl"]["linear_top1"] > 0.2  # chance: 0.1
     picture = Image.open(results["reconstruction_picture"])
     # 4 test images (rows) x (original, masked, reconstruction) columns of 96-px tiles.
     assert picture.size == (3 * 96 + 2 * 2, 4 * 96 + 3 * 2)

@@ -1,6 +1,7 @@
-"""bfloat16 compute with float32 parameters (``config.model.dtype='bfloat16'``): the layers'
-products accumulate in float32, bias gradients are float32 sums, the methods' steps stay close
-to their float32 steps, and fine-tuning may change the compute dtype of a pre-trained run."""
+"""bfloat16 compute with float32 parameters (``config.model.dtype='bfloat16'``): DINO's last
+layer returns float32 logits, the methods' steps stay close to their float32 steps, and
+fine-tuning may change the compute dtype of a pre-trained run. The layers themselves in bfloat16
+(float32 accumulation, float32 bias gradients) are tested in test_layers.py."""
 
 from __future__ import annotations
 
@@ -14,44 +15,12 @@ from configs import dino as dino_config
 from configs import mae as mae_config
 from ssl_jax import finetune, methods, parallel
 from ssl_jax.config import ConfigError
-from ssl_jax.models import layers
 from tests.method_steps import loss_step
 
 
 def _bf16_exact(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """float32 values that bfloat16 holds exactly, so that only the arithmetic rounds."""
     return np.asarray(jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32))
-
-
-def test_dense_in_bfloat16_accumulates_and_sums_the_bias_gradient_in_float32():
-    rng = np.random.default_rng(0)
-    rows, features = 4096, 8
-    x = _bf16_exact(rng, (rows, 16))
-    weight = _bf16_exact(rng, (rows, features))  # the cotangent of the output
-    module = layers.Dense(features, dtype=jnp.bfloat16,
-                          bias_init=jax.nn.initializers.normal(1.0))
-    params = module.init(jax.random.key(0), x)
-    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-
-    out = module.apply(params, x)
-    assert out.dtype == jnp.bfloat16
-    p = jax.tree_util.tree_map(np.asarray, params["params"])
-    kernel = np.asarray(jnp.asarray(p["kernel"], jnp.bfloat16).astype(jnp.float32), np.float64)
-    expected = x.astype(np.float64) @ kernel + p["bias"]
-    # One rounding of the float32 result to bfloat16 (8 significant bits).
-    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2**-8, atol=1e-6)
-
-    loss = lambda params: jnp.sum(module.apply(params, x).astype(jnp.float32) * weight)
-    grads = jax.jit(jax.grad(loss))(params)["params"]
-    assert grads["kernel"].dtype == grads["bias"].dtype == jnp.float32
-    # The bias gradient is the float32 sum of 4096 bfloat16 cotangents: a bfloat16 running sum
-    # would be off by ~1e-2 relative, a float32 one by ~1e-6.
-    bias_expected = weight.astype(np.float64).sum(axis=0)
-    np.testing.assert_allclose(grads["bias"], bias_expected, rtol=1e-5,
-                               atol=1e-5 * np.abs(bias_expected).max())
-    kernel_expected = x.astype(np.float64).T @ weight
-    np.testing.assert_allclose(grads["kernel"], kernel_expected, rtol=2**-7,
-                               atol=2**-7 * np.abs(kernel_expected).max())
 
 
 def test_dino_last_layer_in_bfloat16_returns_unrounded_float32_logits():
@@ -87,52 +56,6 @@ def test_dino_last_layer_in_bfloat16_returns_unrounded_float32_logits():
         assert grads[name].dtype == jnp.float32
         scale = float(jnp.abs(grads32[name]).max())
         np.testing.assert_allclose(grads[name], grads32[name], atol=2e-2 * scale)
-
-
-def test_attention_in_bfloat16_is_close_to_float32():
-    keys = jax.random.split(jax.random.key(0), 5)
-    q, k, v = (jax.random.normal(key, (2, 3, 9, 8)).astype(jnp.bfloat16) for key in keys[:3])
-    bias = jax.random.normal(keys[3], (1, 3, 9, 9))
-    weight = jax.random.normal(keys[4], (2, 9, 3, 8))
-
-    def loss(q, k, v, bias):
-        return jnp.sum(layers.attention(q, k, v, bias).astype(jnp.float32) * weight)
-
-    as32 = lambda *a: [t.astype(jnp.float32) for t in a]
-    out16, out32 = layers.attention(q, k, v, bias), layers.attention(*as32(q, k, v), bias)
-    assert out16.dtype == jnp.bfloat16 and out32.dtype == jnp.float32
-    np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=3e-2)
-    grads16 = jax.grad(loss, (0, 1, 2, 3))(q, k, v, bias)
-    grads32 = jax.grad(loss, (0, 1, 2, 3))(*as32(q, k, v), bias)
-    assert grads16[3].dtype == jnp.float32  # the bias is float32 and so is its gradient
-    # The weights the ViT returns (and other backends' attention) take float32 logits of the
-    # bfloat16 q, k: as exact as float32 on the same inputs, not rounded to bfloat16 first.
-    weights = layers.attention_weights(q, k, bias)
-    expected = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", *as32(q, k)) + bias, axis=-1)
-    assert weights.dtype == jnp.float32
-    np.testing.assert_allclose(weights, expected, atol=1e-6)
-    for g16, g32 in zip(grads16, grads32, strict=True):
-        scale = float(jnp.abs(g32).max())
-        np.testing.assert_allclose(g16.astype(jnp.float32), g32, atol=3e-2 * scale)
-
-
-def test_convolution_in_bfloat16_is_close_to_float32():
-    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
-    weight = jax.random.normal(jax.random.key(1), (4, 6, 6, 16))
-    kwargs = {"kernel_size": (3, 3), "strides": (2, 2), "padding": ((1, 1), (1, 1))}
-    params = layers.Conv(16, **kwargs).init(jax.random.key(2), x)
-    results = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        module = layers.Conv(16, dtype=dtype, **kwargs)
-        loss = lambda p, m=module: jnp.sum(m.apply(p, x).astype(jnp.float32) * weight)
-        results[dtype] = module.apply(params, x), jax.grad(loss)(params)["params"]
-    (out32, grads32), (out16, grads16) = results[jnp.float32], results[jnp.bfloat16]
-    assert out16.dtype == jnp.bfloat16 and grads16["kernel"].dtype == jnp.float32
-    np.testing.assert_allclose(out16.astype(jnp.float32), out32,
-                               atol=2e-2 * float(jnp.abs(out32).max()))
-    for name in ("kernel", "bias"):
-        scale = float(jnp.abs(grads32[name]).max())
-        np.testing.assert_allclose(grads16[name], grads32[name], atol=2e-2 * scale)
 
 
 @pytest.mark.parametrize("config_module, arg", [

@@ -19,13 +19,12 @@ from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import parallel
 from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline
+from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/simclr.py:data=digits,runlocal"
 STEPS = 3
 TIMEOUT_S = 240  # all three processes together; a hung collective fails, it cannot block
-# Optimisation level 0 halves XLA's CPU compile time; both runs use it, so they still agree.
-XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def _free_port() -> int:
@@ -36,7 +35,7 @@ def _free_port() -> int:
 
 def _start(workdir, devices: int, log_path, flags=(), env_extra=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSL_JAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FAST_COMPILE}",
+    env.update(XLA_FLAGS=xla_env.xla_flags(devices),
                JAX_PLATFORMS="cpu", **(env_extra or {}))
     command = [sys.executable, "-m", "ssl_jax.train", "--config", CONFIG,
                "--workdir", str(workdir), f"--config.total_steps={STEPS}",

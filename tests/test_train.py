@@ -17,6 +17,7 @@ from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import train
 from ssl_jax.config import ConfigError
 from ssl_jax.data.sources import DataError
+from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pre-training configs; configs/finetune.py (the fine-tuning job's) runs in test_finetune.py.
@@ -113,7 +114,7 @@ def test_unknown_preset_and_bad_values(tmp_path):
 
 
 def _cli(*args, timeout=120):
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags())
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout)
 
