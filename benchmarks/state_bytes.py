@@ -56,7 +56,7 @@ def state_layout(spec: str, fsdp: int) -> tuple[Any, Any]:
     mesh = parallel.make_mesh(fsdp)
     steps_per_epoch = 1000  # schedules only; shapes do not depend on them
     total = int(config.num_epochs * steps_per_epoch)
-    method = methods.create(config, mesh, total, steps_per_epoch)
+    method = methods.create(config, mesh, total_steps=total, steps_per_epoch=steps_per_epoch)
     return config, build_state(config, mesh, method, total, steps_per_epoch).abstract
 
 

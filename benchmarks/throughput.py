@@ -74,14 +74,13 @@ def random_tokenizer(config: ml_collections.ConfigDict) -> str:
     """BEiT without ``beit.tokenizer_workdir``: a workdir holding a randomly initialised dVAE of
     the same data preset (the tokenizer's cost, not its tokens, matters here)."""
     from ssl_jax import checkpoint
-    from ssl_jax.methods import dvae as dvae_method
 
     dvae_file = __file__.rsplit("/", 2)[0] + "/configs/dvae.py"
     tok_config = load_config(f"{dvae_file}:data={config.data.name}")
     workdir = tempfile.mkdtemp(prefix="bench_tokenizer_")
     checkpoint.check_workdir(workdir, tok_config)
     mesh = parallel.make_mesh()
-    method = dvae_method.create(tok_config, mesh)
+    method = methods.create(tok_config, mesh)
     setup = build_state(tok_config, mesh, method, 1, 1)
     state = jax.jit(setup.init_state, out_shardings=setup.shardings)(jax.random.key(0))
     import orbax.checkpoint as ocp
@@ -104,7 +103,8 @@ class StepBench:
         mesh = parallel.make_mesh(config.mesh.fsdp)
         parallel.check_global_batch(config.batch_size, mesh)
         total_steps, steps_per_epoch = run_length(config)
-        self.method = method = methods.create(config, mesh, total_steps, steps_per_epoch)
+        self.method = method = methods.create(config, mesh, total_steps=total_steps,
+                                              steps_per_epoch=steps_per_epoch)
         setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
         init_rng, step_rng = jax.random.split(jax.random.key(seed))
         self.state = jax.jit(setup.init_state, out_shardings=setup.shardings)(init_rng)

@@ -99,7 +99,7 @@ def _train(
     total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
 
     # --- Method, optimizer, state ---------------------------------------------------------------
-    method = methods.create(config, mesh, total_steps, steps_per_epoch)
+    method = methods.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
     schedule, tx, shardings = setup.schedule, setup.tx, setup.shardings
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))

@@ -19,7 +19,7 @@ from ssl_jax.config import ConfigError
 from ssl_jax.data import multicrop
 from ssl_jax.evaluate import pictures
 from ssl_jax.methods import dino
-from ssl_jax.models.heads import DINOHead
+from ssl_jax.methods.dino import DINOHead
 from ssl_jax.models.vit import Attention, vit
 from ssl_jax.step import build_state
 
@@ -100,19 +100,12 @@ def test_loss_gradient_only_through_student():
     assert float(jnp.abs(g_student).max()) > 0.0
 
 
-def test_center_update_formula():
-    _, t, c = _random_outputs()
-    new = dino.update_center(jnp.asarray(c, jnp.float32), jnp.asarray(t, jnp.float32), 0.9)
-    np.testing.assert_allclose(new, 0.9 * c + 0.1 * t.reshape(-1, t.shape[-1]).mean(0),
-                               rtol=1e-5)
-
-
 def test_schedules_match_formulas():
     config = dino_config.get_config("data=digits")
     with config.unlocked():
         config.dino.update(warmup_teacher_temp=0.04, teacher_temp=0.07,
                            warmup_teacher_temp_epochs=10.0, momentum_teacher=0.99)
-    method = dino.create(config, None, total_steps=330, steps_per_epoch=11)
+    method = methods.create(config, None, total_steps=330, steps_per_epoch=11)
     assert method.warmup_steps == 110  # 10 epochs of 11 steps
     steps = np.arange(0, 400, 7)
     temps = np.array([float(method.teacher_temperature(jnp.int32(i))) for i in steps])
@@ -127,7 +120,7 @@ def test_schedules_match_formulas():
 
 def test_ema_update():
     config = dino_config.get_config(VIT_RUNLOCAL)
-    method = dino.create(config, None, total_steps=10, steps_per_epoch=5)
+    method = methods.create(config, None, total_steps=10, steps_per_epoch=5)
     rng = np.random.default_rng(0)
     params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.ones(2)}
     teacher = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(2)}
@@ -171,7 +164,7 @@ def _one_step(num_devices):
     `num_devices` devices."""
     config = _light_config()
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = dino.create(config, mesh)
+    method = methods.create(config, mesh)
     batch = _batch()
     params, extra = method.init(jax.random.key(0), batch)
     # A centre that is not zero and a teacher unlike the student, so both matter.
@@ -210,7 +203,7 @@ def test_step_same_on_1_and_8_devices():
 def test_teacher_lives_outside_params_and_optimizer():
     config = _light_config()
     mesh = parallel.make_mesh()
-    method = dino.create(config, mesh, total_steps=6, steps_per_epoch=89)
+    method = methods.create(config, mesh, total_steps=6, steps_per_epoch=89)
     state = build_state(config, mesh, method, total_steps=6, steps_per_epoch=89).abstract
     assert set(state["params"]) == {"encoder", "head"}
     assert set(state["extra"]) == {"state", "teacher", "teacher_state", "center"}
@@ -228,7 +221,7 @@ def test_resnet_teacher_keeps_its_own_batchnorm_statistics():
     config = _light_config()
     with config.unlocked():
         config.model = {"name": "resnet18", "width_multiplier": 0.125, "cifar_stem": True}
-    method = dino.create(config, None)
+    method = methods.create(config, None)
     params, extra = method.init(jax.random.key(0), _batch())
     loss, (_, new_extra) = jax.jit(method.loss)(params, extra, _batch(), jax.random.key(1), 0)
     assert np.isfinite(loss)
@@ -396,7 +389,7 @@ def test_last_layer_frozen_for_first_epoch():
     with config.unlocked():
         config.optim.freeze = (("head/last_layer", 1.0),)
     mesh = parallel.make_mesh()
-    method = dino.create(config, mesh, total_steps=6, steps_per_epoch=2)
+    method = methods.create(config, mesh, total_steps=6, steps_per_epoch=2)
     setup = build_state(config, mesh, method, total_steps=6, steps_per_epoch=2)
     params = jax.tree_util.tree_map(lambda a: jnp.full(a.shape, 0.5, a.dtype),
                                     setup.abstract["params"])

@@ -83,7 +83,7 @@ def test_straight_through_forward_is_one_hot_and_gradient_is_the_soft_one():
 def test_schedules_follow_their_formulas():
     config = _config(temperature_start=1.0, temperature_end=1 / 16,
                      temperature_anneal_fraction=0.5, kl_weight=0.3, kl_warmup_fraction=0.1)
-    method = dvae.create(config, None, total_steps=1000)
+    method = methods.create(config, None, total_steps=1000)
     for step in (0, 1, 100, 250, 499, 500, 501, 1000):
         t = min(step / 500, 1.0)
         tau = 1 / 16 + (1 - 1 / 16) * 0.5 * (1 + math.cos(math.pi * t))
@@ -94,7 +94,7 @@ def test_schedules_follow_their_formulas():
     assert float(method.temperature_schedule(0)) == 1.0
     np.testing.assert_allclose(float(method.temperature_schedule(700)), 1 / 16, rtol=1e-6)
     # No known run length (evaluation jobs) or a zero share: the final values from step 0.
-    unknown = dvae.create(config, None)
+    unknown = methods.create(config, None)
     np.testing.assert_allclose(float(unknown.temperature_schedule(0)), 1 / 16, rtol=1e-6)
     np.testing.assert_allclose(float(unknown.kl_weight_schedule(0)), 0.3, rtol=1e-6)
 
@@ -141,7 +141,7 @@ def tiny():
 
     With an 'rbg' key: XLA on CPU compiles threefry's bits for every distinct parameter shape
     slowly (about 1-2 s each), rbg's in well under a second in all."""
-    method = dvae.create(_config(straight_through=True), None, total_steps=10)
+    method = methods.create(_config(straight_through=True), None, total_steps=10)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), np.uint8)
     params, extra = jax.jit(method.init)(jax.random.key(0, impl="rbg"),
                                          {"image": jnp.asarray(images)})
@@ -218,7 +218,7 @@ def test_usage_statistics_and_figure():
 
 def _one_step(num_devices, params):
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = dvae.create(_config(straight_through=True), mesh, total_steps=10)
+    method = methods.create(_config(straight_through=True), mesh, total_steps=10)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     return loss_step(method, params, {}, images, mesh, step=4)
 

@@ -228,7 +228,7 @@ def _listing(directory):
 def _abstract_state_and_data():
     config = simclr_config.get_config("data=digits,runlocal")
     mesh = parallel.make_mesh()
-    method = methods.create(config, mesh, TOTAL_STEPS, 89)
+    method = methods.create(config, mesh, total_steps=TOTAL_STEPS, steps_per_epoch=89)
     abstract = build_state(config, mesh, method, TOTAL_STEPS, 89).abstract
     loader = pipeline.train_loader(config.data, global_batch_size=config.batch_size,
                                    seed=config.seed)

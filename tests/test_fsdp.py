@@ -39,7 +39,7 @@ def _train(config, batches):
     """``(state, losses, mesh)`` after ``len(batches)`` steps of the trainer's jitted step."""
     mesh = parallel.make_mesh(config.mesh.fsdp)
     total = len(batches)
-    method = methods.create(config, mesh, total, total)
+    method = methods.create(config, mesh, total_steps=total, steps_per_epoch=total)
     setup = build_state(config, mesh, method, total, total)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     state = jax.jit(setup.init_state, out_shardings=setup.shardings)(init_rng)

@@ -14,21 +14,9 @@ from ssl_jax.config import ConfigError
 from ssl_jax.data import masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import mae
+from ssl_jax.methods.ssl_math import unpatchify
 from ssl_jax.models.vit import vit
 from tests.method_steps import assert_grads_close, loss_step, set_key
-
-
-def test_patchify_layout_and_round_trip():
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(2, 8, 12, 3)).astype(np.float32)
-    patches = np.asarray(mae.patchify(jnp.asarray(images), 4))
-    assert patches.shape == (2, 6, 48)
-    # Patch (row 1, col 2) is pixels [4:8, 8:12], row-major, channels last (MAE's 'nhwpqc').
-    np.testing.assert_array_equal(patches[:, 1 * 3 + 2], images[:, 4:8, 8:12].reshape(2, 48))
-    back = mae.unpatchify(jnp.asarray(patches), 4, (2, 3))
-    np.testing.assert_array_equal(np.asarray(back), images)
-    with pytest.raises(ValueError, match="not divisible"):
-        mae.patchify(jnp.asarray(images), 5)
 
 
 @pytest.mark.parametrize("kind", masking.MASK_KINDS)
@@ -90,7 +78,7 @@ def test_encoder_sees_only_visible_patches():
     tokens = model.apply(variables, images, train=False, return_tokens=True, ids_keep=ids_keep)
     assert tokens.shape == (3, 1 + 4, 192)
     # Changing the pixels of masked patches changes nothing; changing a visible one does.
-    pixel_mask = mae.unpatchify(jnp.broadcast_to(mask[:, :, None], (3, 16, 48)), 4, (4, 4))
+    pixel_mask = unpatchify(jnp.broadcast_to(mask[:, :, None], (3, 16, 48)), 4, (4, 4))
     noisy = images + 5.0 * pixel_mask * jnp.asarray(rng.normal(size=images.shape), jnp.float32)
     again = model.apply(variables, noisy, train=False, return_tokens=True, ids_keep=ids_keep)
     np.testing.assert_allclose(np.asarray(again), np.asarray(tokens), atol=1e-5)
@@ -126,7 +114,7 @@ def test_loss_counts_masked_patches_only():
 
 def _one_step(num_devices):
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = mae.create(mae_config.get_config("data=digits,runlocal"), mesh)
+    method = methods.create(mae_config.get_config("data=digits,runlocal"), mesh)
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     params, extra = method.init(jax.random.key(0), {"image": jnp.asarray(images)})
     return loss_step(method, params, extra, images, mesh)

@@ -27,7 +27,7 @@ def test_dino_last_layer_in_bfloat16_returns_unrounded_float32_logits():
     """DINO's weight-normed last layer: the bf16 product is accumulated in float32 and returned
     unrounded (the teacher's temperature 0.04 would magnify a bf16 rounding 25x); gradients come
     back float32 to the float32 parameters and match float64 maths of the same bf16 operands."""
-    from ssl_jax.models.heads import WeightNormDense
+    from ssl_jax.methods.dino import WeightNormDense
 
     rng = np.random.default_rng(1)
     x = _bf16_exact(rng, (64, 256))

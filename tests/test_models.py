@@ -409,6 +409,21 @@ def test_projection_mlp_without_bn_matches_numpy():
         ProjectionMLP(hidden_dim=12, out_dim=4, num_layers=0).init(key(1), x, train=False)
 
 
+def test_projection_mlp_without_last_bn_is_byols_mlp():
+    """BYOL's projector/predictor: Linear -> BN -> ReLU -> Linear (bias, no BN on the output)."""
+    head = ProjectionMLP(hidden_dim=12, out_dim=4, num_layers=2, use_bn=True, last_bn=False)
+    x = jax.random.normal(key(), (32, 6)) * 3.0
+    variables = head.init(key(1), x, train=False)
+    assert sorted(variables["params"]) == ["bn0", "dense0", "dense1"]
+    p = jax.tree_util.tree_map(np.asarray, variables["params"])
+    assert "bias" not in p["dense0"] and "bias" in p["dense1"]
+    out, _ = head.apply(variables, x, train=True, mutable=["batch_stats"])
+    h = np.asarray(x) @ p["dense0"]["kernel"]
+    h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["bn0"]["scale"] + p["bn0"]["bias"]
+    expected = np.maximum(h, 0.0) @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_linear_classifier():
     clf = LinearClassifier(num_classes=10)
     x = jax.random.normal(key(), (3, 7))

@@ -36,7 +36,7 @@ def test_augmentation_is_the_one_the_method_calls(spec, views):
     if spec == "dino":
         with config.unlocked():
             config.aug.num_local_crops, config.aug.local.size = 2, 8
-    method = methods.create(config, parallel.make_mesh(), 10, 5)
+    method = methods.create(config, parallel.make_mesh(), total_steps=10, steps_per_epoch=5)
     images = jax.ShapeDtypeStruct((8, 16, 16, 3), jax.numpy.uint8)
     out = jax.eval_shape(method.augment, jax.random.key(0), images)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, out)

@@ -1,67 +1,20 @@
-"""SimCLR: NT-Xent against a NumPy transcription of eq. (1), and the global-batch semantics of
-the step (1 device vs 8 forced CPU devices)."""
+"""SimCLR: the global-batch semantics of the step (1 device vs 8 forced CPU devices). NT-Xent
+itself is tested against a NumPy transcription of eq. (1) in test_ssl_math.py."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import simclr as simclr_config
-from ssl_jax import parallel
-from ssl_jax.methods import simclr
-
-
-def nt_xent_numpy(z1, z2, tau):
-    """Eq. (1) of Chen et al. 2020, looped over the 2N anchors."""
-    z = np.concatenate([z1, z2]).astype(np.float64)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    n = len(z1)
-    losses, correct = [], 0
-    for i in range(2 * n):
-        j = i + n if i < n else i - n
-        sims = np.array([z[i] @ z[k] / tau for k in range(2 * n)])
-        others = [k for k in range(2 * n) if k != i]
-        denom = np.sum(np.exp(sims[others]))
-        losses.append(-np.log(np.exp(sims[j]) / denom))
-        correct += others[int(np.argmax(sims[others]))] == j
-    return np.mean(losses), correct / (2 * n)
-
-
-@pytest.mark.parametrize("tau", [0.1, 0.5])
-def test_nt_xent_matches_numpy(tau):
-    rng = np.random.default_rng(0)
-    z1, z2 = rng.normal(size=(2, 12, 5)).astype(np.float32)
-    loss, acc = simclr.nt_xent(jnp.asarray(z1), jnp.asarray(z2), tau)
-    ref_loss, ref_acc = nt_xent_numpy(z1, z2, tau)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(acc, ref_acc)
-
-
-def test_nt_xent_sharded_uses_global_negatives():
-    """On 8 devices each shard's anchors see all 2N candidates: same loss and gradient."""
-    mesh = parallel.make_mesh()
-    assert mesh.size == 8
-    rng = np.random.default_rng(1)
-    z1, z2 = (jnp.asarray(a) for a in rng.normal(size=(2, 16, 6)).astype(np.float32))
-    sharded = jax.device_put((z1, z2), parallel.batch_sharding(mesh))
-
-    def loss_fn(mesh_or_none):
-        return lambda a, b: simclr.nt_xent(a, b, 0.2, mesh_or_none)[0]
-
-    l1, g1 = jax.value_and_grad(loss_fn(None), argnums=(0, 1))(z1, z2)
-    l8, g8 = jax.jit(jax.value_and_grad(loss_fn(mesh), argnums=(0, 1)))(*sharded)
-    np.testing.assert_allclose(l8, l1, rtol=1e-6)
-    for a, b in zip(g8, g1, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(l1, nt_xent_numpy(np.asarray(z1), np.asarray(z2), 0.2)[0], rtol=1e-5)
+from ssl_jax import methods, parallel
 
 
 def _one_step(num_devices):
     """Loss, gradients and BatchNorm statistics of one SimCLR step on `num_devices` devices."""
     config = simclr_config.get_config("data=digits,runlocal")
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    method = simclr.create(config, mesh)
+    method = methods.create(config, mesh)
     images = jnp.asarray(
         np.random.default_rng(2).integers(0, 256, size=(16, 32, 32, 3)), jnp.uint8)
     batch = {"image": images, "label": jnp.zeros((16,), jnp.int32)}

@@ -1,16 +1,16 @@
 """Self-supervised methods. One module per method holds all of its maths.
 
-The trainer knows no method by name: it imports ``ssl_jax.methods.<config.method>`` and calls its
-``create(config, mesh, total_steps=..., steps_per_epoch=...)``, which returns an object with
-this interface (:class:`Method`). Every array the method needs between steps (BatchNorm
-statistics, an EMA teacher, a centre, a queue) lives in its ``extra`` pytree, which is saved
-whole in every checkpoint beside the parameters.
+The trainer knows no method by name: :func:`create` imports ``ssl_jax.methods.<config.method>``
+and builds its ``METHOD`` class, ``METHOD(config, mesh, *, total_steps, steps_per_epoch)``, an
+object with this interface (:class:`Method`; its defaults are in :mod:`ssl_jax.methods.base`,
+the maths methods share in :mod:`ssl_jax.methods.ssl_math`). Every array the method needs
+between steps (BatchNorm statistics, an EMA teacher, a centre, a queue) lives in its ``extra``
+pytree, which is saved whole in every checkpoint beside the parameters.
 """
 
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -58,9 +58,11 @@ class Method(Protocol):
 
 
 def create(
-    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 0, steps_per_epoch: int = 0
+    config: ml_collections.ConfigDict, mesh: Mesh | None, *, total_steps: int = 0,
+    steps_per_epoch: int = 0,
 ) -> Method:
-    """Builds the method named by ``config.method``.
+    """Builds the method named by ``config.method``: the class ``METHOD`` of the module
+    ``ssl_jax/methods/<config.method>.py`` (a :class:`~ssl_jax.methods.base.MethodBase`).
 
     ``total_steps`` and ``steps_per_epoch`` give the run's length to methods whose schedules
     depend on it (EMA momentum, temperatures); jobs that only evaluate leave them at 0
@@ -71,13 +73,13 @@ def create(
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":
             raise
+        module = None
+    if module is None or not hasattr(module, "METHOD"):
         raise ConfigError(
             f"config.method={name!r} is not a method of ssl_jax: expected a module "
-            f"ssl_jax/methods/{name}.py"
-        ) from None
-    _check_vit_grid(config)
+            f"ssl_jax/methods/{name}.py defining METHOD (a MethodBase subclass)") from None
     model_dtype(config)
-    return module.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return module.METHOD(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
 def model_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -91,15 +93,3 @@ def model_dtype(config: ml_collections.ConfigDict) -> Any:
             f"config.model.dtype={name!r} is not a compute dtype of the encoders: use one of "
             f"{COMPUTE_DTYPES} (bfloat16 computes in bfloat16 with float32 parameters, norms, "
             "softmaxes and losses)") from None
-
-
-def _check_vit_grid(config: ml_collections.ConfigDict) -> None:
-    """A ViT's patches must tile its input, the ``aug.view1`` crop; named before any tracing."""
-    match = re.fullmatch(r"vit_[a-z]+(\d+)", str(config.get("model", {}).get("name", "")))
-    view = config.get("aug", {}).get("view1")
-    if match and view is not None and (int(match.group(1)) < 1
-                                       or view.size % int(match.group(1))):
-        raise ConfigError(
-            f"config.aug.view1.size={view.size} (the ViT's input side) must be a multiple of the "
-            f"patch size {match.group(1)} of model.name={config.model.name!r}: change one of "
-            "them")

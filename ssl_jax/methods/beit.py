@@ -40,7 +40,6 @@ from ssl_jax import methods
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import augment, masking
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.models import create_encoder
 from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import ViT
 
@@ -111,20 +110,19 @@ def load_tokenizer_run(workdir: str, mesh: Mesh | None) -> tuple[Any, ml_collect
 class BEiT(MethodBase):
     """ViT with mask tokens, trained to predict a frozen dVAE's visual tokens of masked patches."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None):
-        self.config = config
-        self.mesh = mesh
-        cfg = config.beit
+    CONFIG_KEYS = ("tokenizer_workdir", "vocab_size", "mask_ratio", "min_block_patches",
+                   "min_aspect")
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int):
+        super().__init__(config, mesh, **run_length)
+        cfg = self.cfg
         require(bool(cfg.tokenizer_workdir), "beit.tokenizer_workdir",
                 "BEiT needs a trained dVAE tokenizer: train one with python -m ssl_jax.train "
                 "--config configs/dvae.py:data=DATA --workdir TOK, then pass "
                 "--config.beit.tokenizer_workdir=TOK")
         self.tokenizer, self.tokenizer_config = load_tokenizer_run(cfg.tokenizer_workdir, mesh)
-        model = dict(config.model)
-        model_name = model.pop("name")
         self.view = config.aug.view1
-        self.encoder = create_encoder(model_name, image_size=self.view.size, **model)
-        self.grid = _check_config(config, self.encoder, model_name, self.tokenizer)
+        self.grid = _check_config(config, self.encoder, self.tokenizer)
         self.num_masked = int(self.grid[0] * self.grid[1] * cfg.mask_ratio)
         self.head = Dense(cfg.vocab_size, dtype=self.encoder.dtype, kernel_init=head_init,
                           name="head")
@@ -136,12 +134,12 @@ class BEiT(MethodBase):
         from ssl_jax import restore  # read-only, see load_tokenizer_run
 
         _, state, _ = restore.restore_state(
-            self.config.beit.tokenizer_workdir, self.tokenizer_config, self.mesh)
+            self.cfg.tokenizer_workdir, self.tokenizer_config, self.mesh)
         return jax.device_get(state["params"])
 
     def masks(self, rng: jax.Array, batch: int) -> jax.Array:
         """BEiT's blockwise masks ``[batch, N]`` bool (True = masked)."""
-        cfg = self.config.beit
+        cfg = self.cfg
         sample = functools.partial(masking.block_mask, grid=self.grid, num_masked=self.num_masked,
                                    min_block=cfg.min_block_patches, min_aspect=cfg.min_aspect)
         return jax.vmap(sample)(jax.random.split(rng, batch)).reshape(batch, -1)
@@ -187,12 +185,6 @@ class BEiT(MethodBase):
         loss, metrics = masked_token_loss(logits, targets, mask)
         return loss, (metrics, extra)
 
-    def after_update(self, params, extra, step):
-        return extra
-
-    def encoder_variables(self, params, extra) -> dict[str, Any]:
-        return {"params": params["encoder"]}
-
     def picture_panels(self, params, extra, images: jax.Array, rng: jax.Array
                        ) -> dict[str, jax.Array]:
         """Columns of the evaluation job's picture, ``[batch, s, s, 3]`` in [0, 1]: the image,
@@ -216,15 +208,17 @@ class BEiT(MethodBase):
                 "prediction": decode(predicted)}
 
 
-def _check_config(config, encoder, model_name: str, tokenizer) -> tuple[int, int]:
-    """Every BEiT key that could fail later, as a ConfigError naming it; returns the grid."""
+METHOD = BEiT
+
+
+def _check_config(config, encoder, tokenizer) -> tuple[int, int]:
+    """Every BEiT key that could fail later, as a ConfigError naming it; returns the grid (the
+    patches tiling ``aug.view1`` are checked with the encoder)."""
     cfg = config.beit
     require(isinstance(encoder, ViT) and encoder.use_mask_token, "model.use_mask_token",
-            f"BEiT needs a ViT with a mask token; {model_name!r} with use_mask_token="
+            f"BEiT needs a ViT with a mask token; {config.model.name!r} with use_mask_token="
             f"{getattr(encoder, 'use_mask_token', None)} is not one")
     size, patch = config.aug.view1.size, encoder.patch_size
-    require(size % patch == 0, "aug.view1.size",
-            f"{size} px is not divisible by the patch size {patch}; use a multiple of {patch}")
     grid = (size // patch, size // patch)
     tok_grid = (tokenizer.grid, tokenizer.grid)
     require(tok_grid == grid, "beit.tokenizer_workdir",
@@ -259,7 +253,3 @@ def beit_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg.update(overrides)
     return cfg
 
-
-def create(config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int) -> BEiT:
-    del run_length  # BEiT has no schedule of its own
-    return BEiT(config, mesh)

@@ -1,6 +1,6 @@
 """DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers").
 
-Self-distillation without labels. A student network (backbone + :class:`DINOHead`) sees all
+Self-distillation without labels. A student network (backbone + :class:`DINOHead`, below) sees all
 crops of an image, ``G`` global and ``L`` local (multi-crop, ``ssl_jax.data.multicrop``); a
 teacher of the same architecture, an exponential moving average of the student, sees the global
 crops only. With ``P = softmax(g(x) / tau)``, the loss is the cross-entropy between teacher and
@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,42 +44,90 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.data import multicrop
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.models import create_encoder
-from ssl_jax.models.heads import DINOHead
+from ssl_jax.methods.ssl_math import (
+    apply_network,
+    cosine_momentum,
+    ema,
+    linear_warmup,
+    split_variables,
+    teacher_forward,
+    update_center,
+)
+from ssl_jax.models.layers import Dense, matmul_float32
 from ssl_jax.models.vit import ViT
 
-
-def teacher_temperature(
-    step: jax.Array, warmup_temp: float, final_temp: float, warmup_steps: int
-) -> jax.Array:
-    """``tau_t(step)``: linear from ``warmup_temp`` at step 0 to ``final_temp`` at
-    ``warmup_steps``, constant after (DINO's code steps the same line once per epoch)."""
-    if warmup_steps <= 0:
-        return jnp.asarray(final_temp, jnp.float32)
-    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
-    return warmup_temp + (final_temp - warmup_temp) * frac
+# --- The head ------------------------------------------------------------------------------------
 
 
-def teacher_momentum(step: jax.Array, base: float, total_steps: int) -> jax.Array:
-    """``lambda(step) = 1 - (1 - base) (cos(pi step / T) + 1) / 2``, T the run's steps (DINO's
-    ``cosine_scheduler(base, 1, ...)``): ``base`` at step 0, rising to 1 at the end."""
-    t = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps) / max(total_steps, 1)
-    return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * t) + 1.0) / 2.0
+class WeightNormDense(nn.Module):
+    """Weight-normalised linear layer without bias (Salimans & Kingma 2016), as DINO's last layer.
+
+    ``W[:, j] = g_j * v[:, j] / ||v[:, j]||``: a direction ``v`` (parameter ``kernel_v``,
+    ``[in, features]``) and a per-output gain ``g`` (parameter ``gain``, initialised to 1). With
+    ``fix_gain`` there is no gain parameter: ``g = 1`` always (DINO's ``norm_last_layer``).
+    ``[batch, in] -> [batch, features]`` float32, the product in ``dtype`` accumulated in
+    float32.
+    """
+
+    features: int
+    fix_gain: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        # PyTorch's default Linear init, U(+-1/sqrt(in)); only the direction matters.
+        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        v = self.param("kernel_v", init, (x.shape[-1], self.features))
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        if not self.fix_gain:
+            w = w * self.param("gain", nn.initializers.ones, (self.features,))
+        return matmul_float32(x.astype(self.dtype), w.astype(self.dtype))
 
 
-def ema(teacher: Any, student: Any, momentum: jax.Array) -> Any:
-    """``momentum * teacher + (1 - momentum) * student``, leaf by leaf."""
-    return jax.tree_util.tree_map(
-        lambda t, s: (momentum * t + (1.0 - momentum) * s).astype(t.dtype), teacher, student)
+class DINOHead(nn.Module):
+    """The DINO projection head (Caron et al. 2021): MLP, L2 normalisation, weight-normed layer.
+
+    ``num_layers - 1`` hidden layers Dense(hidden_dim) -> [BatchNorm] -> GELU, a Dense to
+    ``bottleneck_dim``, ``x / ||x||``, then :class:`WeightNormDense` to ``out_dim`` = K
+    (65536 for ImageNet), with its gain fixed to 1 when ``norm_last_layer``. Dense layers are
+    initialised with trunc-normal(0.02) and zero bias, as DINO's code.
+
+    ``__call__(x [batch, d], train) -> [batch, out_dim]`` float32 logits.
+    """
+
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        if self.num_layers < 1:
+            raise ValueError(f"DINOHead num_layers={self.num_layers} must be >= 1.")
+        chex.assert_rank(x, 2)
+        batch = x.shape[0]
+        x = x.astype(self.dtype)
+        init = nn.initializers.truncated_normal(stddev=0.02)
+        for i in range(self.num_layers - 1):
+            x = Dense(self.hidden_dim, dtype=self.dtype, kernel_init=init, name=f"dense{i}")(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
+            x = nn.gelu(x, approximate=False)
+        x = Dense(self.bottleneck_dim, dtype=self.dtype, kernel_init=init,
+                     name=f"dense{self.num_layers - 1}")(x)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = WeightNormDense(self.out_dim, fix_gain=self.norm_last_layer, dtype=self.dtype,
+                            name="last_layer")(x).astype(jnp.float32)
+        chex.assert_shape(x, (batch, self.out_dim))
+        return x
 
 
-def update_center(center: jax.Array, teacher_out: jax.Array, momentum: float) -> jax.Array:
-    """``C <- m C + (1 - m) mean(teacher_out)``: ``center [K]``, ``teacher_out [batch, views, K]``
-    (raw teacher logits of the global crops of the global batch)."""
-    chex.assert_rank(teacher_out, 3)
-    batch_center = jnp.mean(jax.lax.stop_gradient(teacher_out).astype(jnp.float32), axis=(0, 1))
-    chex.assert_equal_shape((center, batch_center))
-    return momentum * center + (1.0 - momentum) * batch_center
+
+# --- The loss ------------------------------------------------------------------------------------
 
 
 def dino_loss(
@@ -132,27 +181,23 @@ def dino_loss(
     return loss, metrics
 
 
-def _split_variables(variables: Any) -> tuple[Any, dict[str, Any]]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+# --- The method ----------------------------------------------------------------------------------
 
 
 class DINO(MethodBase):
     """Student (params) and EMA teacher (extra) trained by self-distillation on multi-crop."""
 
-    def __init__(
-        self, config: ml_collections.ConfigDict, mesh: Mesh | None, total_steps: int = 0,
-        steps_per_epoch: int = 0,
-    ):
-        cfg, aug = config.dino, config.aug
-        self.config = config
-        self.mesh = mesh
-        model = dict(config.model)
-        model_name = model.pop("name")
-        self.encoder = create_encoder(model_name, image_size=aug.view1.size, **model)
+    CONFIG_KEYS = ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "head_bn",
+                   "norm_last_layer", "student_temp", "teacher_temp", "warmup_teacher_temp",
+                   "warmup_teacher_temp_epochs", "center_momentum", "momentum_teacher")
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int):
+        super().__init__(config, mesh, **run_length)
+        cfg, aug = self.cfg, config.aug
         # The teacher has no stochastic depth (DINO's code builds it without drop path).
         self.teacher_encoder = (self.encoder.clone(drop_path_rate=0.0)
                                 if isinstance(self.encoder, ViT) else self.encoder)
-        _check_config(config, self.encoder, model_name, total_steps, steps_per_epoch)
+        _check_config(config, self.encoder, self.total_steps, self.steps_per_epoch)
         self.num_global, self.num_local = aug.num_global_crops, aug.num_local_crops
         self.global_views = (aug.view1, aug.view2)
         self.local_view = aug.local
@@ -160,17 +205,19 @@ class DINO(MethodBase):
             out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
             num_layers=cfg.head_layers, use_bn=cfg.head_bn, norm_last_layer=cfg.norm_last_layer,
             dtype=self.encoder.dtype)
-        self.total_steps = max(total_steps, 1)
-        self.warmup_steps = int(round(cfg.warmup_teacher_temp_epochs * max(steps_per_epoch, 1)))
+        self.warmup_steps = int(round(cfg.warmup_teacher_temp_epochs
+                                      * max(self.steps_per_epoch, 1)))
 
     # --- Schedules -------------------------------------------------------------------------------
     def teacher_temperature(self, step: jax.Array) -> jax.Array:
-        cfg = self.config.dino
-        return teacher_temperature(step, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                                   self.warmup_steps)
+        """tau_t: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up
+        epochs, constant after (DINO's code steps the same line once per epoch)."""
+        cfg = self.cfg
+        return linear_warmup(step, cfg.warmup_teacher_temp, cfg.teacher_temp, self.warmup_steps)
 
     def teacher_momentum(self, step: jax.Array) -> jax.Array:
-        return teacher_momentum(step, self.config.dino.momentum_teacher, self.total_steps)
+        """lambda: cosine from ``momentum_teacher`` to 1 over the run."""
+        return cosine_momentum(step, self.cfg.momentum_teacher, max(self.total_steps, 1))
 
     # --- Networks --------------------------------------------------------------------------------
     def augment(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -179,45 +226,38 @@ class DINO(MethodBase):
         return multicrop.multi_crop(rng, images, self.global_views, self.num_global,
                                     self.local_view, self.num_local)
 
-    def _student(self, params, state, crops, rng):
-        """``crops [batch, V, s, s, 3] -> ([batch, V, K], updated BatchNorm state)``."""
+    def _network(self, encoder, params, state, crops, forward):
+        """``crops [batch, V, s, s, 3] -> ([batch, V, K], updated BatchNorm state)`` through
+        ``encoder`` and the head, each applied by ``forward`` (student or teacher)."""
         batch, views = crops.shape[:2]
-        feats, enc_state = self.encoder.apply(
-            {"params": params["encoder"], **state["encoder"]}, multicrop.flatten_views(crops),
-            train=True, mutable=list(state["encoder"]), rngs={"dropout": rng})
-        out, head_state = self.head.apply(
-            {"params": params["head"], **state["head"]}, feats, train=True,
-            mutable=list(state["head"]))
-        state = {"encoder": dict(enc_state), "head": dict(head_state)}
-        return out.reshape(batch, views, -1), state
+        feats, enc_state = forward(encoder, params["encoder"], state["encoder"],
+                                   multicrop.flatten_views(crops))
+        out, head_state = forward(self.head, params["head"], state["head"], feats)
+        return out.reshape(batch, views, -1), {"encoder": enc_state, "head": head_state}
+
+    def _student(self, params, state, crops, rng):
+        def forward(module, p, s, x):
+            return apply_network(module, p, s, x, train=True,
+                                 rng=rng if module is self.encoder else None)
+
+        return self._network(self.encoder, params, state, crops, forward)
 
     def _teacher(self, extra, crops):
-        """``crops [batch, G, s, s, 3] -> ([batch, G, K], teacher BatchNorm state)``, no gradient.
-
-        As in DINO's code the teacher runs in training mode without stochastic depth: BatchNorm
-        layers (ResNet backbones, ``head_bn``) normalise with the statistics of the global batch
-        and update the teacher's own running statistics, which evaluation uses."""
-        batch, views = crops.shape[:2]
-        teacher, state = extra["teacher"], extra["teacher_state"]
-        feats, enc_state = self.teacher_encoder.apply(
-            {"params": teacher["encoder"], **state["encoder"]}, multicrop.flatten_views(crops),
-            train=True, mutable=list(state["encoder"]))
-        out, head_state = self.head.apply(
-            {"params": teacher["head"], **state["head"]}, feats, train=True,
-            mutable=list(state["head"]))
-        state = {"encoder": dict(enc_state), "head": dict(head_state)}
-        return jax.lax.stop_gradient(out.reshape(batch, views, -1)), state
+        """As in DINO's code the teacher runs in training mode without stochastic depth:
+        BatchNorm layers (ResNet backbones, ``head_bn``) normalise with the statistics of the
+        global batch and update the teacher's own running statistics, which evaluation uses."""
+        return self._network(self.teacher_encoder, extra["teacher"], extra["teacher_state"],
+                             crops, teacher_forward)
 
     # --- The Method interface ----------------------------------------------------------------
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         k_enc, k_head = jax.random.split(rng)
         size = self.global_views[0].size
         x = jnp.zeros((batch["image"].shape[0], size, size, 3), jnp.float32)  # shapes only
-        enc_vars = self.encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False)
-        feats = self.encoder.apply(enc_vars, x, train=False)
-        head_vars = self.head.init(k_head, feats, train=False)
-        enc_params, enc_state = _split_variables(enc_vars)
-        head_params, head_state = _split_variables(head_vars)
+        enc_params, enc_state = split_variables(
+            self.encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False))
+        feats, _ = apply_network(self.encoder, enc_params, enc_state, x, train=False)
+        head_params, head_state = split_variables(self.head.init(k_head, feats, train=False))
         params = {"encoder": enc_params, "head": head_params}
         state = {"encoder": enc_state, "head": head_state}
         copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
@@ -225,12 +265,12 @@ class DINO(MethodBase):
             "state": state,  # the student's non-trained variables (BatchNorm statistics)
             "teacher": copy(params),  # the teacher starts as the student (DINO's code)
             "teacher_state": copy(state),  # the teacher's own BatchNorm statistics
-            "center": jnp.zeros((self.config.dino.out_dim,), jnp.float32),
+            "center": jnp.zeros((self.cfg.out_dim,), jnp.float32),
         }
         return params, extra
 
     def loss(self, params, extra, batch, rng, step):
-        cfg = self.config.dino
+        cfg = self.cfg
         k_aug, k_global, k_local = jax.random.split(rng, 3)
         globals_, locals_ = self.augment(k_aug, batch["image"])
         student, state = self._student(params, extra["state"], globals_, k_global)
@@ -256,7 +296,10 @@ class DINO(MethodBase):
         return {"params": extra["teacher"]["encoder"], **extra["teacher_state"]["encoder"]}
 
 
-def _check_config(config, encoder, model_name: str, total_steps: int, steps_per_epoch: int):
+METHOD = DINO
+
+
+def _check_config(config, encoder, total_steps: int, steps_per_epoch: int):
     """Every DINO key that could fail later, as a ConfigError naming it, before compile."""
     cfg, aug = config.dino, config.aug
     require(cfg.out_dim >= 2, "dino.out_dim", f"K={cfg.out_dim} must be >= 2 (65536 on ImageNet)")
@@ -272,15 +315,11 @@ def _check_config(config, encoder, model_name: str, total_steps: int, steps_per_
     require(aug.num_global_crops + aug.num_local_crops >= 2, "aug.num_local_crops",
             "one global crop and no local crop leave no pair of views to compare; use 2 global "
             "crops or add local crops")
-    if isinstance(encoder, ViT):
+    if isinstance(encoder, ViT) and aug.num_local_crops:  # global crops: checked with the ViT
         patch = encoder.patch_size
-        sizes = [("aug.view1.size", aug.view1.size), ("aug.view2.size", aug.view2.size)]
-        if aug.num_local_crops:
-            sizes.append(("aug.local.size", aug.local.size))
-        for key, size in sizes:
-            require(size % patch == 0, key,
-                    f"crop size {size} px is not divisible by the patch size {patch} of "
-                    f"model {model_name}; use a multiple of {patch}")
+        require(aug.local.size % patch == 0, "aug.local.size",
+                f"crop size {aug.local.size} px is not divisible by the patch size {patch} of "
+                f"model {config.model.name}; use a multiple of {patch}")
     require(aug.view2.size == aug.view1.size, "aug.view2.size",
             f"global crops must share one size: view1 is {aug.view1.size}, view2 {aug.view2.size}")
     require(cfg.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs", "must be >= 0")
@@ -300,9 +339,3 @@ def dino_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg.update(overrides)
     return cfg
 
-
-def create(config: ml_collections.ConfigDict, mesh: Mesh | None, total_steps: int = 0,
-           steps_per_epoch: int = 0) -> DINO:
-    """``total_steps`` / ``steps_per_epoch`` 0 (a job that only evaluates): schedules are not
-    checked against the run length."""
-    return DINO(config, mesh, total_steps, steps_per_epoch)

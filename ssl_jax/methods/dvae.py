@@ -56,6 +56,7 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.data import augment
 from ssl_jax.methods.base import MethodBase
+from ssl_jax.methods.ssl_math import cosine_anneal
 from ssl_jax.models.dvae import DiscreteVAE, DVAEEncoder
 
 # --- The maths, as small pure functions ------------------------------------------------------
@@ -83,15 +84,6 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     per_cell = jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + math.log(logits.shape[-1])
     return jnp.mean(per_cell)
-
-
-def cosine_anneal(step: jax.Array | int, start: float, end: float, steps: int) -> jax.Array:
-    """``end + (start - end) * (1 + cos(pi * min(step / steps, 1))) / 2``; ``end`` from step 0
-    when ``steps <= 0``."""
-    if steps <= 0:
-        return jnp.asarray(end, jnp.float32)
-    t = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
-    return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
 
 
 def code_usage(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -127,12 +119,15 @@ class DVAE(MethodBase):
     (tokenizer input side in px), :attr:`grid` (tokens per side), :attr:`vocab_size`, and
     :meth:`token_ids`. Parameters: ``{'dvae': DiscreteVAE params}``; no extra state."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None,
-                 total_steps: int = 0):
+    CONFIG_KEYS = ("vocab_size", "hidden_dim", "codebook_dim", "num_downsample", "num_res_blocks",
+                   "dtype", "temperature_start", "temperature_end",
+                   "temperature_anneal_fraction", "kl_weight", "kl_warmup_fraction",
+                   "straight_through")
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int):
         _check_config(config)
-        self.config = config
-        self.mesh = mesh
-        cfg = config.dvae
+        super().__init__(config, mesh, **run_length)
+        cfg = self.cfg
         self.view = config.aug.view1
         self.image_size: int = self.view.size
         self.grid: int = self.image_size // 2**cfg.num_downsample
@@ -140,23 +135,27 @@ class DVAE(MethodBase):
         dtype = jnp.dtype(cfg.dtype)
         self.model = DiscreteVAE(cfg.vocab_size, cfg.hidden_dim, cfg.codebook_dim,
                                  cfg.num_downsample, cfg.num_res_blocks, dtype)
-        self.encoder = DVAEEncoder(cfg.vocab_size, cfg.hidden_dim, cfg.num_downsample,
-                                   cfg.num_res_blocks, dtype)
-        self.temperature_steps = int(round(cfg.temperature_anneal_fraction * total_steps))
-        self.kl_warmup_steps = int(round(cfg.kl_warmup_fraction * total_steps))
+        self.temperature_steps = int(round(cfg.temperature_anneal_fraction * self.total_steps))
+        self.kl_warmup_steps = int(round(cfg.kl_warmup_fraction * self.total_steps))
+
+    def make_encoder(self) -> DVAEEncoder:
+        """The dVAE's encoder half (its logits are the features evaluation probes)."""
+        cfg = self.cfg
+        return DVAEEncoder(cfg.vocab_size, cfg.hidden_dim, cfg.num_downsample,
+                           cfg.num_res_blocks, jnp.dtype(cfg.dtype))
 
     # --- Schedules ------------------------------------------------------------------------------
     def temperature_schedule(self, step: jax.Array | int) -> jax.Array:
         """Gumbel-softmax temperature at ``step``: cosine from ``temperature_start`` to
         ``temperature_end`` over ``temperature_anneal_fraction`` of the run, then constant."""
-        cfg = self.config.dvae
+        cfg = self.cfg
         return cosine_anneal(step, cfg.temperature_start, cfg.temperature_end,
                              self.temperature_steps)
 
     def kl_weight_schedule(self, step: jax.Array | int) -> jax.Array:
         """KL weight at ``step``: cosine from 0 to ``kl_weight`` over ``kl_warmup_fraction`` of
         the run, then constant."""
-        return cosine_anneal(step, 0.0, self.config.dvae.kl_weight, self.kl_warmup_steps)
+        return cosine_anneal(step, 0.0, self.cfg.kl_weight, self.kl_warmup_steps)
 
     # --- The tokenizer --------------------------------------------------------------------------
     def logits(self, params: Any, images: jax.Array) -> jax.Array:
@@ -193,7 +192,7 @@ class DVAE(MethodBase):
         logits = self.logits(params, images)
         temperature = self.temperature_schedule(step)
         kl_weight = self.kl_weight_schedule(step)
-        codes = gumbel_softmax(k_gumbel, logits, temperature, self.config.dvae.straight_through)
+        codes = gumbel_softmax(k_gumbel, logits, temperature, self.cfg.straight_through)
         recon = self.model.apply({"params": params["dvae"]}, codes, method="decode")
         loss, metrics = dvae_loss(recon, images, logits, kl_weight)
         perplexity, unused = code_usage(logits)
@@ -204,9 +203,6 @@ class DVAE(MethodBase):
                        unused_tokens=unused,
                        hard_recon_mse=jnp.mean(jnp.square(hard - images)))
         return loss, (metrics, extra)
-
-    def after_update(self, params, extra, step):
-        return extra
 
     def encoder_variables(self, params, extra) -> dict[str, Any]:
         return {"params": params["dvae"]["encoder"]}
@@ -219,6 +215,9 @@ class DVAE(MethodBase):
         recon = self.decode_tokens(params, self.token_ids(params, images))
         return {"original": augment.denormalize(images),
                 "reconstruction": augment.denormalize(recon)}
+
+
+METHOD = DVAE
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -262,8 +261,3 @@ def dvae_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg.update(overrides)
     return cfg
 
-
-def create(config: ml_collections.ConfigDict, mesh: Mesh | None, total_steps: int = 0,
-           steps_per_epoch: int = 0) -> DVAE:
-    del steps_per_epoch  # the schedules are shares of the whole run
-    return DVAE(config, mesh, total_steps)

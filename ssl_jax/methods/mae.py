@@ -4,7 +4,7 @@ An image (one random resized crop, flipped at random: MAE's minimal augmentation
 ``N`` patches; per example a share ``mask_ratio`` of them (75%) is masked (``ssl_jax.data.masking``:
 ``random`` by the argsort of uniform noise as in the paper, or ``block`` / ``grid`` as in its
 ablation). The ViT encoder sees only the visible patches, no mask tokens. A light decoder
-(:class:`ssl_jax.models.heads.MAEDecoder`) gets the encoded visible tokens plus a shared mask
+(:class:`MAEDecoder`, below) gets the encoded visible tokens plus a shared mask
 token at every masked position, with fixed 2-D sin-cos position embeddings, and predicts every
 patch's pixels linearly. The loss is the mean squared error on the **masked** patches only::
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,32 +34,11 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.data import augment, masking
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.models import create_encoder
-from ssl_jax.models.heads import MAEDecoder
-from ssl_jax.models.vit import ViT
+from ssl_jax.methods.ssl_math import patchify, unpatchify
+from ssl_jax.models.layers import Dense
+from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT, dense_kernel_init, sincos_2d_pos_embed
 
 NORM_PIX_EPS = 1e-6
-
-
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-    """``[batch, h, w, c] -> [batch, (h/p) * (w/p), p * p * c]``, patches row-major."""
-    chex.assert_rank(images, 4)
-    batch, h, w, c = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image {h}x{w} is not divisible by patch size {patch}")
-    x = images.reshape(batch, h // patch, patch, w // patch, patch, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: int = 3
-               ) -> jax.Array:
-    """Inverse of :func:`patchify`: ``[batch, rows * cols, p * p * c] -> [batch, h, w, c]``."""
-    chex.assert_rank(patches, 3)
-    batch = patches.shape[0]
-    rows, cols = grid
-    x = patches.reshape(batch, rows, cols, patch, patch, channels)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * patch, cols * patch, channels)
 
 
 def patch_targets(patches: jax.Array, norm_pix: bool) -> jax.Array:
@@ -85,18 +65,64 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array
     return loss, {"visible_patch_loss": visible_loss, "mask_ratio": jnp.mean(mask)}
 
 
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (He et al. 2022, Sec. 3): predicts the pixels of every patch.
+
+    The encoded visible tokens are projected to the decoder width; a shared learnable mask
+    token fills every masked position; ``ids_restore`` puts the ``[visible; masked]`` sequence
+    back in patch order; fixed 2-D sin-cos position embeddings (zero for the cls token) are
+    added; ``depth`` pre-norm transformer blocks, a LayerNorm and a linear layer give
+    ``patch_dim = patch * patch * channels`` values per patch.
+
+    ``__call__(tokens [batch, 1 + n_keep, enc_dim] (cls first), ids_restore [batch, N])`` ->
+    ``[batch, N, patch_dim]`` float32 in patch order (the cls token's output is dropped).
+    """
+
+    grid: tuple[int, int]
+    patch_dim: int
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, ids_restore: jnp.ndarray) -> jnp.ndarray:
+        chex.assert_rank([tokens, ids_restore], [3, 2])
+        batch, num_patches = ids_restore.shape
+        chex.assert_equal(num_patches, self.grid[0] * self.grid[1])
+        x = Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+                     name="embed")(tokens.astype(self.dtype))
+        cls, visible = x[:, :1], x[:, 1:]
+        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+        fill = jnp.broadcast_to(mask_token.astype(x.dtype),
+                                (batch, num_patches - visible.shape[1], self.dim))
+        x = jnp.concatenate([visible, fill], axis=1)
+        x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)  # back in patch order
+        x = x + jnp.asarray(sincos_2d_pos_embed(self.dim, self.grid))[None].astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)  # the cls token's position embedding is 0
+        for i in range(self.depth):
+            x = EncoderBlock(self.dim, self.num_heads, self.mlp_ratio, drop_path=0.0,
+                             layer_scale_init=None, dtype=self.dtype, name=f"block{i}")(x, False)
+        x = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm")(x)
+        x = Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+                     name="pred")(x[:, 1:])
+        x = x.astype(jnp.float32)
+        chex.assert_shape(x, (batch, num_patches, self.patch_dim))
+        return x
+
+
 class MAE(MethodBase):
     """ViT encoder on visible patches + light decoder, trained to reconstruct masked patches."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None):
-        self.config = config
-        self.mesh = mesh
-        model = dict(config.model)
-        model_name = model.pop("name")
+    CONFIG_KEYS = ("mask_ratio", "mask_kind", "block_min_patches", "norm_pix_loss",
+                   "decoder_dim", "decoder_depth", "decoder_heads")
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int):
+        super().__init__(config, mesh, **run_length)
         self.view = config.aug.view1
-        self.encoder = create_encoder(model_name, image_size=self.view.size, **model)
-        _check_config(config, self.encoder, model_name)
-        cfg = config.mae
+        _check_config(config, self.encoder)
+        cfg = self.cfg
         self.patch = self.encoder.patch_size
         self.grid = (self.view.size // self.patch,) * 2
         self.decoder = MAEDecoder(
@@ -105,7 +131,7 @@ class MAE(MethodBase):
             dtype=self.encoder.dtype)
 
     def masks(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        cfg = self.config.mae
+        cfg = self.cfg
         return masking.shuffle_mask(rng, batch, self.grid, cfg.mask_ratio, cfg.mask_kind,
                                     cfg.block_min_patches)
 
@@ -137,15 +163,9 @@ class MAE(MethodBase):
         images = self.augment(k_aug, batch["image"])
         ids_keep, mask, ids_restore = self.masks(k_mask, images.shape[0])
         pred = self.reconstruct(params, images, ids_keep, ids_restore, True, k_drop)
-        target = patch_targets(patchify(images, self.patch), self.config.mae.norm_pix_loss)
+        target = patch_targets(patchify(images, self.patch), self.cfg.norm_pix_loss)
         loss, metrics = mae_loss(pred, target, mask)
         return loss, (metrics, extra)
-
-    def after_update(self, params, extra, step):
-        return extra
-
-    def encoder_variables(self, params, extra) -> dict[str, Any]:
-        return {"params": params["encoder"]}
 
     def picture_panels(self, params, extra, images: jax.Array, rng: jax.Array
                        ) -> dict[str, jax.Array]:
@@ -155,7 +175,7 @@ class MAE(MethodBase):
         ids_keep, mask, ids_restore = self.masks(rng, images.shape[0])
         pred = self.reconstruct(params, images, ids_keep, ids_restore, False)
         patches = patchify(images, self.patch)
-        if self.config.mae.norm_pix_loss:  # predictions are per-patch normalised: undo with
+        if self.cfg.norm_pix_loss:  # predictions are per-patch normalised: undo with
             mean = jnp.mean(patches, axis=-1, keepdims=True)  # the true patch's statistics
             std = jnp.sqrt(jnp.var(patches, axis=-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
             pred = pred * std + mean
@@ -169,15 +189,16 @@ class MAE(MethodBase):
         }
 
 
-def _check_config(config, encoder, model_name: str) -> None:
-    """Every MAE key that could fail later, as a ConfigError naming it, before compile."""
+METHOD = MAE
+
+
+def _check_config(config, encoder) -> None:
+    """Every MAE key that could fail later, as a ConfigError naming it, before compile (the
+    patch grid is checked with the encoder)."""
     cfg = config.mae
     require(isinstance(encoder, ViT), "model.name",
-            f"MAE needs a ViT encoder (token dropping); {model_name!r} is not one")
+            f"MAE needs a ViT encoder (token dropping); {config.model.name!r} is not one")
     size, patch = config.aug.view1.size, encoder.patch_size
-    require(size % patch == 0, "aug.view1.size",
-            f"image size {size} px is not divisible by the patch size {patch} of {model_name}; "
-            f"use a multiple of {patch}")
     require(cfg.mask_kind in masking.MASK_KINDS, "mae.mask_kind",
             f"{cfg.mask_kind!r} is unknown; use one of {masking.MASK_KINDS}")
     require(0.0 < cfg.mask_ratio < 1.0, "mae.mask_ratio",
@@ -204,7 +225,3 @@ def mae_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg.update(overrides)
     return cfg
 
-
-def create(config: ml_collections.ConfigDict, mesh: Mesh | None, **run_length: int) -> MAE:
-    del run_length  # MAE has no schedule of its own
-    return MAE(config, mesh)
