@@ -207,29 +207,6 @@ def _from_step(steps: int) -> Callable[[jax.Array], jax.Array]:
     return lambda count: count >= steps
 
 
-def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """Defaults (SimCLR's LARS recipe); config files override what their method needs."""
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="lars",
-            base_lr=0.3,
-            lr_scaling="linear",
-            warmup_epochs=10.0,
-            end_lr_factor=0.0,
-            weight_decay=1e-6,
-            momentum=0.9,
-            b1=0.9,
-            b2=0.999,
-            grad_clip_norm=0.0,
-            grad_clip_kind="global",
-            weight_decay_end=0.0,
-            freeze=(),
-        )
-    )
-    cfg.update(overrides)
-    return cfg
-
-
 # --- Layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE fine-tuning, He et al. 2022) ---
 
 _VIT_BLOCK = re.compile(r"(?:^|/)blocks_(\d+)(?:/|$)")
