@@ -33,13 +33,13 @@ Recipes:
 
 import ml_collections
 
-from ssl_jax import optim
+from ssl_jax import presets
 from ssl_jax.config import ConfigError, parse_arg
 
-VIT_SIZES = {  # base LR, layer decay, epochs, drop path (MAE's fine-tuning per ViT size)
-    "b": (5e-4, 0.65, 100.0, 0.1),
-    "l": (1e-3, 0.75, 50.0, 0.2),
-    "h": (1e-3, 0.75, 50.0, 0.3),
+VIT_SIZES = {  # MAE's fine-tuning per ViT size
+    "b": dict(base_lr=5e-4, layer_decay=0.65, num_epochs=100.0, drop_path_rate=0.1),
+    "l": dict(base_lr=1e-3, layer_decay=0.75, num_epochs=50.0, drop_path_rate=0.2),
+    "h": dict(base_lr=1e-3, layer_decay=0.75, num_epochs=50.0, drop_path_rate=0.3),
 }
 
 
@@ -52,12 +52,13 @@ def get_config(arg=None):
     if arg.data == "imagenet2012":
         if arg.vit not in VIT_SIZES:
             raise ConfigError(f"unknown vit={arg.vit!r}; choose one of {', '.join(VIT_SIZES)}")
-        base_lr, layer_decay, epochs, drop_path = VIT_SIZES[arg.vit]
+        size = VIT_SIZES[arg.vit]
         config.batch_size = 1024
-        config.num_epochs = epochs
+        config.num_epochs = size["num_epochs"]
         config.log_every = 100
-        config.drop_path_rate = drop_path
-        config.optim.update(base_lr=base_lr, layer_decay=layer_decay, warmup_epochs=5.0)
+        config.drop_path_rate = size["drop_path_rate"]
+        config.optim.update(base_lr=size["base_lr"], layer_decay=size["layer_decay"],
+                            warmup_epochs=5.0)
         config.eval_batch_size = 1024
     elif arg.data == "cifar10":
         config.batch_size = 256
@@ -101,7 +102,7 @@ def _base(data):
     config.label_smoothing = 0.1
     config.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
     config.aug = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True)
-    config.optim = optim.optim_config(
+    config.optim = presets.optim_config(
         name="adamw", base_lr=5e-4, lr_scaling="linear", warmup_epochs=5.0, end_lr_factor=0.0,
         weight_decay=0.05, b1=0.9, b2=0.999, layer_decay=0.65)
     config.eval_batch_size = 1024  # test-set batch (global)

@@ -117,7 +117,7 @@ def load_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
             f"{path} not found: --workdir must be the directory of a training run "
             "(python -m ssl_jax.train ... --workdir DIR)"
         )
-    return config_lib.from_json(path.read_text())
+    return config_lib.upgrade_run_config(config_lib.from_json(path.read_text()))
 
 
 def _short(value: Any) -> str:

@@ -148,3 +148,43 @@ def require(condition: bool, key: str, message: str) -> None:
     """Raises :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
+
+
+# --- Runs saved before a key existed ------------------------------------------------------------
+
+# (key path, the value a run saved before the key existed behaves as, the commit that added the
+# key). ``upgrade_run_config`` adds each missing key whose parent block exists; readers of a run's
+# config then need no ``.get(key, default)`` fallback. Add a row with every new key that a saved
+# config.json may lack.
+RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
+    ("data.prefetch", 2, "ff88ddf 2026-11-23 (first trainer)"),
+    ("eval.attention_images", 4, "2533e86 2026-11-23"),
+    ("optim.weight_decay_end", 0.0, "48be9e5 2026-11-23"),
+    ("optim.grad_clip_kind", "global", "48be9e5 2026-11-23"),
+    ("optim.freeze", (), "48be9e5 2026-11-23"),
+    ("data.read_threads", 16, "7f7e570 2026-11-24"),
+    ("model.dtype", "float32", "7155b76 2026-11-24"),  # encoders only: see _applies
+)
+
+
+def _applies(path: str, parent: ml_collections.ConfigDict) -> bool:
+    """``model.dtype`` belongs to the encoders (``resnet*``, ``vit_*``); the dVAE's model block is
+    its name only (its compute dtype is ``dvae.dtype``)."""
+    if path == "model.dtype":
+        return str(parent.get("name", "")).startswith(("resnet", "vit_"))
+    return True
+
+
+def upgrade_run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run's saved config with the keys of :data:`RUN_CONFIG_UPGRADES` it lacks set to their
+    defaults (in place; returned). A current run's config comes back unchanged."""
+    with config.unlocked():
+        for path, default, _ in RUN_CONFIG_UPGRADES:
+            *parents, leaf = path.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if (isinstance(node, ml_collections.ConfigDict) and leaf not in node
+                    and _applies(path, node)):
+                node[leaf] = default
+    return config

@@ -89,7 +89,7 @@ def weight_decay_schedule(
         wd(t) = end + (start - end) * (1 + cos(pi * t / T)) / 2,   T = total_steps
 
     (``start`` at step 0, ``end`` from step T on)."""
-    start, end = cfg.weight_decay, cfg.get("weight_decay_end", 0.0)
+    start, end = cfg.weight_decay, cfg.weight_decay_end
     require(end >= 0, "optim.weight_decay_end", "must be >= 0 (0 keeps weight decay constant)")
     if not end:
         return start
@@ -176,10 +176,10 @@ def make_optimizer(
     restores a checkpoint may pass the defaults."""
     require(cfg.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     require(cfg.base_lr > 0, "optim.base_lr", "must be > 0")
-    clip_kind = cfg.get("grad_clip_kind", "global")
+    clip_kind = cfg.grad_clip_kind
     require(clip_kind in ("global", "per_parameter"), "optim.grad_clip_kind",
             "must be 'global' or 'per_parameter'")
-    rules = tuple(cfg.get("freeze", ()))
+    rules = tuple(cfg.freeze)
     for rule in rules:
         require(isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] >= 0,
                 "optim.freeze", f"entry {rule!r} must be a pair (regex, epochs >= 0)")
@@ -205,29 +205,6 @@ def make_optimizer(
 
 def _from_step(steps: int) -> Callable[[jax.Array], jax.Array]:
     return lambda count: count >= steps
-
-
-def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """Defaults (SimCLR's LARS recipe); config files override what their method needs."""
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="lars",
-            base_lr=0.3,
-            lr_scaling="linear",
-            warmup_epochs=10.0,
-            end_lr_factor=0.0,
-            weight_decay=1e-6,
-            momentum=0.9,
-            b1=0.9,
-            b2=0.999,
-            grad_clip_norm=0.0,
-            grad_clip_kind="global",
-            weight_decay_end=0.0,
-            freeze=(),
-        )
-    )
-    cfg.update(overrides)
-    return cfg
 
 
 # --- Layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE fine-tuning, He et al. 2022) ---

@@ -1,16 +1,23 @@
 """Pieces shared by the config files in ``configs/``: the trainer's keys, the three dataset
-presets and the ``runlocal`` smoke-test shrink. Each method's config file starts from
-:func:`base_config` and sets its own recipe per dataset on top."""
+presets, the ``runlocal`` smoke-test shrink, and the default blocks of the optimizer
+(:func:`optim_config`), an augmented view (:func:`view_config`, :func:`dino_view`), the data
+pipeline (:func:`data_config`) and the evaluation job (:func:`eval_config`). Each method's config
+file starts from :func:`base_config` and sets its own recipe per dataset on top.
+
+This module imports no JAX, Flax or TFDS (a test checks it), so that a config file builds on any
+host in milliseconds; the layers that run the configs (``optim``, ``data.augment``,
+``data.sources``, ``data.multicrop``) import their defaults from here.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
-from ssl_jax import optim
-from ssl_jax.data import augment
-from ssl_jax.data.sources import data_config
+from ssl_jax.config import ConfigError
 
 # Dataset presets: what the host pipeline emits and the size the model sees.
 #   image_size: side of the uint8 images the pipeline decodes to (shorter side + centre crop);
@@ -41,8 +48,6 @@ MODEL_DEFAULTS = {
 def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     """The trainer's keys with defaults, for ``method`` on dataset preset ``data``."""
     if data not in DATASETS:
-        from ssl_jax.config import ConfigError
-
         raise ConfigError(f"unknown data={data!r}; choose one of {', '.join(DATASETS)}")
     preset = DATASETS[data]
     config = ml_collections.ConfigDict()
@@ -58,8 +63,8 @@ def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     config.sharding_rules = ((".*", "replicate"),)
     config.data = data_config(name=preset["name"], image_size=preset["image_size"])
     crop = preset["crop_size"]
-    config.aug = dict(view1=augment.view_config(size=crop), view2=augment.view_config(size=crop))
-    config.optim = optim.optim_config()
+    config.aug = dict(view1=view_config(size=crop), view2=view_config(size=crop))
+    config.optim = optim_config()
     config.eval = eval_config()
     if data == "imagenet2012":  # the run cadence of a large dataset, whatever the method
         config.log_every = 100
@@ -94,8 +99,6 @@ def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
 def set_model(config: ml_collections.ConfigDict, name: str, **kwargs: Any) -> None:
     """Sets ``config.model`` to the named encoder with its keyword arguments."""
     if name not in MODELS and not name.startswith(("resnet", "vit_")):
-        from ssl_jax.config import ConfigError
-
         raise ConfigError(f"unknown model={name!r}; e.g. {', '.join(MODELS)}")
     family = MODEL_DEFAULTS["resnet" if name.startswith("resnet") else "vit"]
     config.model = dict(name=name, **{**family, **kwargs})
@@ -123,3 +126,164 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     config.data.image_size = min(config.data.image_size, 32)
     for view in (config.aug.view1, config.aug.view2):
         view.size = min(view.size, 16)
+
+
+# --- Default blocks (moved here from optim.py, data/augment.py, data/sources.py, multicrop.py) ---
+
+
+def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """``config.optim`` with SimCLR's LARS recipe as defaults; config files override what their
+    method needs (``ssl_jax.optim`` builds the optimizer from it)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="lars",
+            base_lr=0.3,
+            lr_scaling="linear",
+            warmup_epochs=10.0,
+            end_lr_factor=0.0,
+            weight_decay=1e-6,
+            momentum=0.9,
+            b1=0.9,
+            b2=0.999,
+            grad_clip_norm=0.0,
+            grad_clip_kind="global",
+            weight_decay_end=0.0,
+            freeze=(),
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The `config.data` block with its defaults, updated by `overrides`.
+
+    Keys: name, source ('auto' | 'builtin' | 'tfds' | 'folder'), root (image-folder root),
+    data_dir (TFDS data dir, '' for the default), image_size (side of the square uint8
+    images the pipeline emits), train_split, test_split, num_workers (Grain worker
+    processes, 0 = in-process), prefetch (batches buffered per worker), read_threads (Grain's
+    reading threads per process or worker: many for remote storage, few on a small CPU host).
+    """
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "digits",
+            "source": "auto",
+            "root": "",
+            "data_dir": "",
+            "image_size": 32,
+            "train_split": "train",
+            "test_split": "test",
+            "num_workers": 0,
+            "prefetch": 2,
+            "read_threads": 16,
+        }
+    )
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise ConfigError(f"unknown data config key {key!r}; known keys: {', '.join(cfg)}")
+        cfg[key] = value
+    return cfg
+
+
+VIEW_REQUIRED_KEYS = tuple(
+    "size crop_scale crop_ratio flip color_jitter color_jitter_p grayscale_p blur_p blur_sigma "
+    "solarize_p".split()
+)
+JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
+_PROBABILITY_KEYS = ("color_jitter_p", "grayscale_p", "blur_p", "solarize_p")
+
+
+def view_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """SimCLR's ImageNet view recipe; keyword overrides replace defaults and are validated.
+
+    Keys: `size`, `crop_scale`, `crop_ratio`, `flip`, `color_jitter` (strength s, 0 disables),
+    `color_jitter_p`, `brightness`/`contrast`/`saturation`/`hue` (None: derived from s),
+    `grayscale_p`, `blur_p`, `blur_sigma`, `solarize_p`.
+    """
+    cfg = ml_collections.ConfigDict(
+        dict(
+            size=224,
+            crop_scale=(0.08, 1.0),
+            crop_ratio=(3 / 4, 4 / 3),
+            flip=True,
+            color_jitter=1.0,
+            color_jitter_p=0.8,
+            brightness=config_dict.placeholder(float),
+            contrast=config_dict.placeholder(float),
+            saturation=config_dict.placeholder(float),
+            hue=config_dict.placeholder(float),
+            grayscale_p=0.2,
+            blur_p=0.5,
+            blur_sigma=(0.1, 2.0),
+            solarize_p=0.0,
+        )
+    )
+    unknown = sorted(set(overrides) - set(cfg.keys()))
+    if unknown:
+        raise ValueError(
+            f"unknown augmentation key(s) {unknown}; known keys: {sorted(cfg.keys())}."
+        )
+    for name, value in overrides.items():
+        try:
+            cfg[name] = value
+        except TypeError as e:
+            raise ValueError(f"augmentation key {name}={value!r} has the wrong type: {e}") from e
+    validate_view_config(cfg)
+    return cfg
+
+
+def dino_view(**overrides: Any) -> ml_collections.ConfigDict:
+    """A DINO view config: :func:`view_config` with DINO's colour jitter (brightness 0.4,
+    contrast 0.4, saturation 0.2, hue 0.1, p=0.8), grayscale p=0.2 and flip; ``overrides`` set
+    size, crop scale, blur and solarize probabilities."""
+    base = dict(color_jitter=1.0, color_jitter_p=0.8, brightness=0.4, contrast=0.4,
+                saturation=0.2, hue=0.1, grayscale_p=0.2, flip=True, solarize_p=0.0)
+    return view_config(**{**base, **overrides})
+
+
+def check_range(name: str, value: Any, high: float = math.inf) -> None:
+    """Checks `value` is a pair (lo, hi) with 0 < lo <= hi <= high."""
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    if not pair or not 0.0 < value[0] <= value[1] <= high:
+        raise ValueError(f"{name}={value!r}: pass a pair (lo, hi) with 0 < lo <= hi <= {high}.")
+
+
+def validate_view_config(cfg: Any) -> None:
+    """Raises ValueError naming the key of `cfg` that is unknown, missing or out of range."""
+    keys = list(cfg.keys()) if hasattr(cfg, "keys") else list(vars(cfg))
+    known = set(VIEW_REQUIRED_KEYS) | set(JITTER_KEYS)
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(known)}.")
+    missing = [k for k in VIEW_REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise ValueError(
+            f"augmentation config lacks key(s) {missing}; start from presets.view_config()."
+        )
+
+    def fail(name: str, why: str) -> None:
+        raise ValueError(f"augmentation key {name}={getattr(cfg, name)!r}: {why}")
+
+    def number(name: str) -> bool:
+        value = getattr(cfg, name, None)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(cfg.size, int) or cfg.size <= 0:
+        fail("size", "must be a positive int (output side in pixels).")
+    for name, high in (("crop_scale", 1.0), ("crop_ratio", math.inf), ("blur_sigma", math.inf)):
+        check_range(f"augmentation key {name}", getattr(cfg, name), high)
+    for name in _PROBABILITY_KEYS:
+        if not number(name) or not 0.0 <= getattr(cfg, name) <= 1.0:
+            fail(name, "must be a probability in [0, 1].")
+    if not isinstance(cfg.flip, bool):
+        fail("flip", "must be True or False.")
+    if not number("color_jitter") or cfg.color_jitter < 0:
+        fail("color_jitter", "must be a strength >= 0 (0 disables colour jitter).")
+    for name in JITTER_KEYS:
+        if getattr(cfg, name, None) is None:
+            continue
+        value = getattr(cfg, name)
+        if not number(name) or value < 0 or (name == "hue" and value > 0.5):
+            fail(name, "must be >= 0 (hue at most 0.5) or None to derive it from color_jitter.")
+        if cfg.color_jitter == 0 and value > 0:
+            fail(name, "is set but color_jitter=0 disables colour jitter; set color_jitter > 0.")

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ssl_jax import presets
 from ssl_jax.data import augment
 
 BATCH = 8
@@ -338,7 +339,7 @@ def _view(cfg):
 
 
 # Every op on; compiled once and shared by the tests below.
-_FULL_VIEW = _view(augment.view_config(size=16, solarize_p=0.2))
+_FULL_VIEW = _view(presets.view_config(size=16, solarize_p=0.2))
 
 
 def test_augment_view_shape_range_and_randomness():
@@ -362,7 +363,7 @@ def test_uint8_and_float_inputs():
 
 
 def test_augment_view_with_everything_off_is_identity():
-    cfg = augment.view_config(
+    cfg = presets.view_config(
         size=32,
         crop_scale=(1.0, 1.0),
         crop_ratio=(1.0, 1.0),
@@ -376,12 +377,12 @@ def test_augment_view_with_everything_off_is_identity():
 
 
 def test_view_config_defaults_and_overrides():
-    cfg = augment.view_config()
+    cfg = presets.view_config()
     assert cfg.size == 224 and cfg.crop_scale == (0.08, 1.0) and cfg.flip is True
     assert (cfg.color_jitter, cfg.color_jitter_p, cfg.grayscale_p) == (1.0, 0.8, 0.2)
     assert (cfg.blur_p, cfg.blur_sigma, cfg.solarize_p) == (0.5, (0.1, 2.0), 0.0)
     assert cfg.hue is None
-    dino = augment.view_config(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    dino = presets.view_config(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
     assert augment.jitter_strengths(1.0, 0.4, 0.4, 0.2, 0.1) == (0.4, 0.4, 0.2, 0.1)
     assert (dino.brightness, dino.hue) == (0.4, 0.1)
     assert augment.jitter_strengths(0.5) == (0.4, 0.4, 0.4, 0.1)
@@ -406,11 +407,11 @@ def test_view_config_defaults_and_overrides():
 )
 def test_view_config_rejects_bad_values(overrides, key):
     with pytest.raises(ValueError, match=key):
-        augment.view_config(**overrides)
+        presets.view_config(**overrides)
 
 
 def test_augment_view_rejects_bad_config_and_input():
-    cfg = augment.view_config(size=16)
+    cfg = presets.view_config(size=16)
     cfg.solarize_threshold = 0.3  # a ConfigDict accepts new keys silently; augment_view must not
     with pytest.raises(ValueError, match="solarize_threshold"):
         augment.augment_view(jax.random.key(0), _images(), cfg)
@@ -418,7 +419,7 @@ def test_augment_view_rejects_bad_config_and_input():
     with pytest.raises(ValueError, match="crop_scale"):
         augment.augment_view(jax.random.key(0), _images(), partial)
     with pytest.raises(ValueError, match="dtype"):
-        augment.augment_view(jax.random.key(0), _images().astype(np.int32), augment.view_config())
+        augment.augment_view(jax.random.key(0), _images().astype(np.int32), presets.view_config())
 
 
 def test_augment_view_on_batch_sharded_mesh_matches_one_device():

@@ -18,7 +18,7 @@ from PIL import Image
 from configs import dino as dino_config
 from configs import simclr as simclr_config
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import cli, methods, parallel, train
+from ssl_jax import cli, methods, parallel, presets, train
 from ssl_jax import restore as restore_lib
 from ssl_jax.config import ConfigError
 from ssl_jax.data import pipeline, sources
@@ -152,7 +152,7 @@ def test_image_folder_of_mixed_sizes_and_channels_is_converted(tmp_path):
     for name, (image, _) in images.items():
         (tmp_path / "train" / "c0" / name).write_bytes(
             _encoded(image, "JPEG" if name.endswith(".jpg") else "PNG"))
-    cfg = sources.data_config(name="folder", root=str(tmp_path), image_size=8)
+    cfg = presets.data_config(name="folder", root=str(tmp_path), image_size=8)
     (batch,) = pipeline.eval_batches(cfg, "train", batch_size=8)
     assert batch["image"].shape == (8, 8, 8, 3) and batch["image"].dtype == np.uint8
     assert batch["mask"].all()  # every image read, none skipped
@@ -167,7 +167,7 @@ def test_empty_split_and_empty_class_folder(tmp_path):
     root = tmp_path / "data"
     for name in ("cat", "dog"):
         (root / "train" / name).mkdir(parents=True)
-    cfg = sources.data_config(name="folder", root=str(root), image_size=4)
+    cfg = presets.data_config(name="folder", root=str(root), image_size=4)
     with pytest.raises(DataError, match=r"no images .* an empty split"):
         sources.make_source(cfg, "train")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "train" / "cat" / "1.png")
@@ -207,7 +207,7 @@ def test_labels_out_of_range_are_refused(monkeypatch, labels, bad):
     with pytest.raises(DataError, match=rf"label {bad}, outside \[0, 3\)"):
         [decoded[i] for i in range(len(labels))]
     monkeypatch.setattr(pipeline, "make_source", lambda cfg, split: _LabelledArrays(labels))
-    cfg = sources.data_config(image_size=4)
+    cfg = presets.data_config(image_size=4)
     with pytest.raises(DataError, match=rf"fake/train\[\d\] has label {bad}"):
         next(iter(pipeline.train_loader(cfg, global_batch_size=4, seed=0)))
 
@@ -217,7 +217,7 @@ def test_unlabelled_split_trains_but_is_not_evaluated(monkeypatch):
     labels, and refused by the evaluation's reader. (It used to pass as "undecodable".)"""
     labels = [-1] * 4
     monkeypatch.setattr(pipeline, "make_source", lambda cfg, split: _LabelledArrays(labels))
-    cfg = sources.data_config(image_size=4)
+    cfg = presets.data_config(image_size=4)
     batch = next(iter(pipeline.train_loader(cfg, global_batch_size=4, seed=0)))
     assert batch["image"].shape == (4, 4, 4, 3) and list(batch["label"]) == labels
     with pytest.raises(DataError, match=r"label -1, outside \[0, 3\).*not evaluated"):
@@ -228,7 +228,7 @@ def test_unknown_tfds_name_is_not_downloaded(tmp_path):
     for source, match in (("tfds", r"'no_such_dataset' is not prepared in .*tfds build "
                                    r"no_such_dataset --file_format=array_record"),
                           ("auto", r"no data for data.name='no_such_dataset'.*data.root")):
-        cfg = sources.data_config(name="no_such_dataset", source=source, data_dir=str(tmp_path))
+        cfg = presets.data_config(name="no_such_dataset", source=source, data_dir=str(tmp_path))
         with pytest.raises(DataError, match=match):
             sources.make_source(cfg, "train")
     assert not os.listdir(tmp_path)  # no download was attempted

@@ -11,9 +11,9 @@ from PIL import Image
 
 from configs import beit as beit_config
 from configs import dvae as dvae_configs
-from ssl_jax import finetune, methods, parallel, train
+from ssl_jax import finetune, methods, parallel, presets, train
 from ssl_jax.config import ConfigError
-from ssl_jax.data import augment, masking
+from ssl_jax.data import masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import beit
 from ssl_jax.models.vit import relative_position_index, vit
@@ -114,7 +114,7 @@ def test_two_views_are_one_crop():
     ramp = np.tile(np.linspace(0, 1, 32)[None, :, None], (32, 1, 3))
     ramp[:8, :8] = [1.0, 0.0, 0.0]
     images = jnp.asarray(np.stack([ramp] * 6).astype(np.float32))
-    view = augment.view_config(size=16, crop_scale=(0.3, 1.0), color_jitter_p=0.0,
+    view = presets.view_config(size=16, crop_scale=(0.3, 1.0), color_jitter_p=0.0,
                                grayscale_p=0.0, blur_p=0.0, flip=True)
     big, small = beit.paired_views(jax.random.key(2), images, view, 8)
     assert big.shape == (6, 16, 16, 3) and small.shape == (6, 8, 8, 3)

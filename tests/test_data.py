@@ -12,6 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ssl_jax import presets
+from ssl_jax.config import ConfigError
 from ssl_jax.data import digits, pipeline, sources
 from ssl_jax.data.sources import DataError
 
@@ -26,7 +28,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _digits_cfg(data_dir, **kw):
-    return sources.data_config(data_dir=data_dir, **kw)
+    return presets.data_config(data_dir=data_dir, **kw)
 
 
 def _save(path, array, fmt=None):
@@ -50,7 +52,7 @@ def _colour_folder(root, n, num_classes=3, split="train"):
     for i in range(n):
         _save(os.path.join(root, split, f"c{i % num_classes}", f"i{i:02d}.png"),
               np.broadcast_to(_colour(i), (6, 6, 3)))
-    return sources.data_config(name="folder", root=str(root), image_size=4)
+    return presets.data_config(name="folder", root=str(root), image_size=4)
 
 
 def _ids(images):
@@ -122,7 +124,7 @@ def test_image_folder_source_classes_files_and_decoding(tmp_path):
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
     (tmp_path / "train/cat/.hidden.png").write_bytes(b"")
     _save(tmp_path / "test/cat/t.png", wide)
-    cfg = sources.data_config(name="folder", root=str(tmp_path), image_size=8)
+    cfg = presets.data_config(name="folder", root=str(tmp_path), image_size=8)
     train = sources.make_source(cfg, "train")
     assert train.classes == ("ant", "cat", "dog") and train.num_classes == 3
     assert list(train.files) == ["ant/x.PNG", "cat/w.png", "dog/a.jpeg", "dog/b.JPG"]
@@ -190,7 +192,7 @@ class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def test_tfds_source_reads_encoded_images_without_tensorflow(tmp_path):
     _TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     for source in ("tfds", "auto"):
-        cfg = sources.data_config(name=_TinyImages.name, source=source, data_dir=str(tmp_path),
+        cfg = presets.data_config(name=_TinyImages.name, source=source, data_dir=str(tmp_path),
                                   image_size=4)
         assert sources.resolve_source(cfg) == "tfds"
         train = sources.make_source(cfg, "train")
@@ -208,10 +210,10 @@ def test_tfds_source_reads_encoded_images_without_tensorflow(tmp_path):
 
 
 def test_unprepared_tfds_and_missing_cifar_name_the_fix(tmp_path):
-    cfg = sources.data_config(name="cifar10", source="tfds", data_dir=str(tmp_path))
+    cfg = presets.data_config(name="cifar10", source="tfds", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="tfds build cifar10 --file_format=array_record"):
         sources.make_source(cfg, "train")
-    cfg = sources.data_config(name="cifar10", data_dir=str(tmp_path))
+    cfg = presets.data_config(name="cifar10", data_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"cifar10-jpeg\.tar\.gz.*|--config\.data\.root") as e:
         sources.make_source(cfg, "train")
     assert "cifar10-jpeg.tar.gz" in str(e.value) and "--config.data.root" in str(e.value)
@@ -237,18 +239,18 @@ def test_image_folder_errors(tmp_path, layout, match):
         (root / "train/cat").mkdir()
         (root / "train/cat/readme.txt").write_text("x")
     with pytest.raises(DataError, match=match):
-        sources.make_source(sources.data_config(name="folder", root=str(root)), "train")
+        sources.make_source(presets.data_config(name="folder", root=str(root)), "train")
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(DataError, match="unknown data config key 'nmae'"):
-        sources.data_config(nmae="digits")
+    with pytest.raises(ConfigError, match="unknown data config key 'nmae'"):
+        presets.data_config(nmae="digits")
     with pytest.raises(DataError, match="unknown data.source"):
-        sources.make_source(sources.data_config(source="hdf5"), "train")
+        sources.make_source(presets.data_config(source="hdf5"), "train")
     with pytest.raises(DataError, match="data.root is empty"):
-        sources.make_source(sources.data_config(name="folder"), "train")
+        sources.make_source(presets.data_config(name="folder"), "train")
     with pytest.raises(DataError, match="--config.data.name=folder"):
-        sources.make_source(sources.data_config(root=str(tmp_path)), "train")
+        sources.make_source(presets.data_config(root=str(tmp_path)), "train")
 
 
 def test_missing_digits_split(digits_dir):

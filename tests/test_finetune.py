@@ -19,10 +19,11 @@ from ssl_jax import finetune as finetune_job
 from ssl_jax import optim
 from ssl_jax.checkpoint import WorkdirError, check_workdir
 from ssl_jax.config import ConfigError
-from ssl_jax.data.sources import data_config, make_source
+from ssl_jax.data.sources import make_source
 from ssl_jax.evaluate import classifier as classifier_lib
 from ssl_jax.evaluate import finetune_data, mixup
 from ssl_jax.models import create_encoder
+from ssl_jax.presets import data_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL = "configs/finetune.py:data=digits,runlocal"

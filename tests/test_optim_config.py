@@ -8,11 +8,11 @@ import optax
 import pytest
 
 from ssl_jax import config as config_lib
-from ssl_jax import optim
+from ssl_jax import optim, presets
 
 
 def test_lr_scaling_and_warmup_cosine():
-    cfg = optim.optim_config(base_lr=0.3, warmup_epochs=2.0, end_lr_factor=0.0)
+    cfg = presets.optim_config(base_lr=0.3, warmup_epochs=2.0, end_lr_factor=0.0)
     assert optim.peak_learning_rate(cfg, 4096) == pytest.approx(0.3 * 16)
     cfg.lr_scaling = "sqrt"
     assert optim.peak_learning_rate(cfg, 1024) == pytest.approx(0.6)
@@ -31,7 +31,7 @@ def test_lars_skips_biases_and_norm_params():
     """Weight decay and the trust ratio touch kernels only: with a zero gradient, only the
     kernel moves (decay), and the bias / BN scale keep their values."""
     params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "bn": {"scale": jnp.ones((4,))}}
-    cfg = optim.optim_config(name="lars", weight_decay=0.1, momentum=0.0)
+    cfg = presets.optim_config(name="lars", weight_decay=0.1, momentum=0.0)
     tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))
     zeros = {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,)), "bn": {"scale": jnp.zeros(4)}}
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -47,9 +47,9 @@ def test_lars_skips_biases_and_norm_params():
 
 def test_bad_optimizer_keys():
     with pytest.raises(ValueError, match="optim.name"):
-        optim.make_optimizer(optim.optim_config(name="adam_typo"), optax.constant_schedule(1.0))
+        optim.make_optimizer(presets.optim_config(name="adam_typo"), optax.constant_schedule(1.0))
     with pytest.raises(config_lib.ConfigError, match="optim.lr_scaling"):
-        optim.peak_learning_rate(optim.optim_config(lr_scaling="cubic"), 256)
+        optim.peak_learning_rate(presets.optim_config(lr_scaling="cubic"), 256)
 
 
 def test_parse_arg_presets():
@@ -86,7 +86,7 @@ def test_split_config_overrides():
 def test_weight_decay_cosine_schedule_in_adamw():
     """``weight_decay_end`` > 0: wd(t) = end + (start - end) (1 + cos(pi t / T)) / 2, applied
     decoupled (update = -lr * wd(t) * p when the gradient is zero)."""
-    cfg = optim.optim_config(name="adamw", weight_decay=0.04, weight_decay_end=0.4)
+    cfg = presets.optim_config(name="adamw", weight_decay=0.04, weight_decay_end=0.4)
     wd = optim.weight_decay_schedule(cfg, total_steps=10)
     for t in (0, 3, 10, 12):
         expected = 0.4 + (0.04 - 0.4) * (1 + np.cos(np.pi * min(t, 10) / 10)) / 2
@@ -99,7 +99,7 @@ def test_weight_decay_cosine_schedule_in_adamw():
         updates, state = tx.update(zeros, state, params)
         np.testing.assert_allclose(updates["kernel"], -0.5 * float(wd(t)) * 2.0, rtol=1e-5)
         assert float(jnp.abs(updates["bias"]).max()) == 0.0
-    assert optim.weight_decay_schedule(optim.optim_config(weight_decay=0.1), 10) == 0.1
+    assert optim.weight_decay_schedule(presets.optim_config(weight_decay=0.1), 10) == 0.1
 
 
 def test_per_parameter_gradient_clipping():
@@ -109,7 +109,7 @@ def test_per_parameter_gradient_clipping():
     out, _ = clip.update(grads, clip.init(grads))
     np.testing.assert_allclose(out["a"], np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-6)
     np.testing.assert_allclose(out["b"], grads["b"])  # below the threshold: unchanged
-    cfg = optim.optim_config(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0,
+    cfg = presets.optim_config(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0,
                              grad_clip_kind="per_parameter")
     tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))
     updates, _ = tx.update(grads, tx.init(grads), grads)
@@ -119,16 +119,16 @@ def test_per_parameter_gradient_clipping():
 def test_freeze_and_clip_keys_are_checked():
     schedule = optax.constant_schedule(1.0)
     with pytest.raises(config_lib.ConfigError, match="optim.freeze"):
-        optim.make_optimizer(optim.optim_config(freeze=(("head", -1.0),)), schedule)
+        optim.make_optimizer(presets.optim_config(freeze=(("head", -1.0),)), schedule)
     with pytest.raises(config_lib.ConfigError, match="optim.freeze"):
-        optim.make_optimizer(optim.optim_config(freeze=(("head[", 1.0),)), schedule)
+        optim.make_optimizer(presets.optim_config(freeze=(("head[", 1.0),)), schedule)
     with pytest.raises(config_lib.ConfigError, match="optim.grad_clip_kind"):
-        optim.make_optimizer(optim.optim_config(grad_clip_kind="local"), schedule)
+        optim.make_optimizer(presets.optim_config(grad_clip_kind="local"), schedule)
     # A config of a run started before these keys existed still builds the same optimizer.
-    old = optim.optim_config()
+    old = presets.optim_config()
     for key in ("freeze", "weight_decay_end", "grad_clip_kind"):
         del old[key]
     tx = optim.make_optimizer(old, schedule)
     params = {"kernel": jnp.ones((2, 2))}
     assert jax.tree_util.tree_structure(tx.init(params)) == jax.tree_util.tree_structure(
-        optim.make_optimizer(optim.optim_config(), schedule).init(params))
+        optim.make_optimizer(presets.optim_config(), schedule).init(params))

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ssl_jax import presets
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
 from ssl_jax import parallel, train
@@ -147,13 +148,13 @@ def test_example_batch_and_pipeline_follow_the_declared_fields(tmp_path, monkeyp
     from PIL import Image
 
     # The layout of a state needs no data: ImageNet's fields, nothing prepared, no root.
-    absent = sources.data_config(name="imagenet2012", image_size=224)
+    absent = presets.data_config(name="imagenet2012", image_size=224)
     assert sources.source_fields(absent) == sources.image_label_fields(224)
     for i in range(8):
         (tmp_path / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (6, 6), (i, 0, 0)).save(tmp_path / "train" / f"c{i % 2}" / f"{i}.png")
     monkeypatch.setitem(sources.SOURCE_CLASSES, "folder", _CaptionedFolder)
-    data = sources.data_config(name="folder", root=str(tmp_path), image_size=8)
+    data = presets.data_config(name="folder", root=str(tmp_path), image_size=8)
     config = config_lib.from_json(json.dumps({"data": data.to_dict()}))
     mesh = parallel.make_mesh()
     batch = example_batch(config, mesh)
@@ -179,7 +180,7 @@ from ssl_jax.data import pipeline, sources
 
 
 def main(_):
-    cfg = sources.data_config(image_size=8, num_workers=2)
+    cfg = presets.data_config(image_size=8, num_workers=2)
     it = iter(pipeline.train_loader(cfg, global_batch_size=16, seed=0))
     [next(it) for _ in range(3)]
     state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it

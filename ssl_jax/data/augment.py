@@ -8,7 +8,7 @@ DINO): RandomResizedCrop, RandomHorizontalFlip, ColorJitter (multiplicative brig
 and saturation blends, additive hue shift, the four ops in a random order), RandomGrayscale,
 GaussianBlur (reflect padding) and RandomSolarize.
 
-`augment_view` chains them into one view of a batch, driven by a `view_config()` ConfigDict:
+`augment_view` chains them into one view of a batch, driven by a `presets.view_config()` ConfigDict:
 crop, flip, colour jitter, grayscale, blur, solarize.
 """
 
@@ -23,8 +23,9 @@ import chex
 import dm_pix
 import jax
 import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_dict
+
+# view_config: re-exported for ssl_jax/finetune.py (its owner moves it to ssl_jax.presets)
+from ssl_jax.presets import JITTER_KEYS, check_range, validate_view_config, view_config  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,13 +44,6 @@ def _check_image(image: Array) -> None:
 def _check_probability(name: str, p: Any) -> None:
     if isinstance(p, (int, float)) and not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}={p!r} is not a probability: pass a value in [0, 1].")
-
-
-def _check_range(name: str, value: Any, high: float = math.inf) -> None:
-    """Checks `value` is a pair (lo, hi) with 0 < lo <= hi <= high."""
-    pair = isinstance(value, (tuple, list)) and len(value) == 2
-    if not pair or not 0.0 < value[0] <= value[1] <= high:
-        raise ValueError(f"{name}={value!r}: pass a pair (lo, hi) with 0 < lo <= hi <= {high}.")
 
 
 def _never(p: Any) -> bool:
@@ -75,8 +69,8 @@ def crop_box(
     Returns:
       int32 `[4]`: `(top, left, crop_height, crop_width)` in pixels.
     """
-    _check_range("scale", scale)
-    _check_range("ratio", ratio)
+    check_range("scale", scale)
+    check_range("ratio", ratio)
     k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
     area = height * width
     shape = (MAX_CROP_ATTEMPTS,)
@@ -319,7 +313,7 @@ def gaussian_blur(
     """
     _check_image(image)
     _check_probability("p", p)
-    _check_range("sigma", sigma)
+    check_range("sigma", sigma)
     if _never(p):
         return image
     k_apply, k_sigma = jax.random.split(key)
@@ -352,97 +346,9 @@ def denormalize(x: Array) -> Array:
     return jnp.clip(x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN), 0.0, 1.0)
 
 
-_REQUIRED_KEYS = tuple(
-    "size crop_scale crop_ratio flip color_jitter color_jitter_p grayscale_p blur_p blur_sigma "
-    "solarize_p".split()
-)
-_JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
-_PROBABILITY_KEYS = ("color_jitter_p", "grayscale_p", "blur_p", "solarize_p")
-
-
-def view_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """SimCLR's ImageNet view recipe; keyword overrides replace defaults and are validated.
-
-    Keys: `size`, `crop_scale`, `crop_ratio`, `flip`, `color_jitter` (strength s, 0 disables),
-    `color_jitter_p`, `brightness`/`contrast`/`saturation`/`hue` (None: derived from s),
-    `grayscale_p`, `blur_p`, `blur_sigma`, `solarize_p`.
-    """
-    cfg = ml_collections.ConfigDict(
-        dict(
-            size=224,
-            crop_scale=(0.08, 1.0),
-            crop_ratio=(3 / 4, 4 / 3),
-            flip=True,
-            color_jitter=1.0,
-            color_jitter_p=0.8,
-            brightness=config_dict.placeholder(float),
-            contrast=config_dict.placeholder(float),
-            saturation=config_dict.placeholder(float),
-            hue=config_dict.placeholder(float),
-            grayscale_p=0.2,
-            blur_p=0.5,
-            blur_sigma=(0.1, 2.0),
-            solarize_p=0.0,
-        )
-    )
-    unknown = sorted(set(overrides) - set(cfg.keys()))
-    if unknown:
-        raise ValueError(
-            f"unknown augmentation key(s) {unknown}; known keys: {sorted(cfg.keys())}."
-        )
-    for name, value in overrides.items():
-        try:
-            cfg[name] = value
-        except TypeError as e:
-            raise ValueError(f"augmentation key {name}={value!r} has the wrong type: {e}") from e
-    validate_view_config(cfg)
-    return cfg
-
-
-def validate_view_config(cfg: Any) -> None:
-    """Raises ValueError naming the key of `cfg` that is unknown, missing or out of range."""
-    keys = list(cfg.keys()) if hasattr(cfg, "keys") else list(vars(cfg))
-    known = set(_REQUIRED_KEYS) | set(_JITTER_KEYS)
-    unknown = sorted(set(keys) - known)
-    if unknown:
-        raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(known)}.")
-    missing = [k for k in _REQUIRED_KEYS if k not in keys]
-    if missing:
-        raise ValueError(
-            f"augmentation config lacks key(s) {missing}; start from augment.view_config()."
-        )
-
-    def fail(name: str, why: str) -> None:
-        raise ValueError(f"augmentation key {name}={getattr(cfg, name)!r}: {why}")
-
-    def number(name: str) -> bool:
-        value = getattr(cfg, name, None)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not isinstance(cfg.size, int) or cfg.size <= 0:
-        fail("size", "must be a positive int (output side in pixels).")
-    for name, high in (("crop_scale", 1.0), ("crop_ratio", math.inf), ("blur_sigma", math.inf)):
-        _check_range(f"augmentation key {name}", getattr(cfg, name), high)
-    for name in _PROBABILITY_KEYS:
-        if not number(name) or not 0.0 <= getattr(cfg, name) <= 1.0:
-            fail(name, "must be a probability in [0, 1].")
-    if not isinstance(cfg.flip, bool):
-        fail("flip", "must be True or False.")
-    if not number("color_jitter") or cfg.color_jitter < 0:
-        fail("color_jitter", "must be a strength >= 0 (0 disables colour jitter).")
-    for name in _JITTER_KEYS:
-        if getattr(cfg, name, None) is None:
-            continue
-        value = getattr(cfg, name)
-        if not number(name) or value < 0 or (name == "hue" and value > 0.5):
-            fail(name, "must be >= 0 (hue at most 0.5) or None to derive it from color_jitter.")
-        if cfg.color_jitter == 0 and value > 0:
-            fail(name, "is set but color_jitter=0 disables colour jitter; set color_jitter > 0.")
-
-
 def jitter_values(cfg: Any) -> tuple[float, float, float, float]:
     """A view config's (brightness, contrast, saturation, hue) jitter strengths."""
-    return jitter_strengths(cfg.color_jitter, *(getattr(cfg, k, None) for k in _JITTER_KEYS))
+    return jitter_strengths(cfg.color_jitter, *(getattr(cfg, k, None) for k in JITTER_KEYS))
 
 
 def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
@@ -480,7 +386,7 @@ def augment_view(key: Array, images: Array, cfg: Any) -> Array:
     Args:
       key: PRNG key; example `i` uses `jax.random.split(key, batch)[i]`.
       images: uint8 or float in [0, 1], `[batch, height, width, 3]`.
-      cfg: a `view_config()` (static: close over it or use functools.partial under jit).
+      cfg: a `presets.view_config()` (static: close over it or use functools.partial under jit).
 
     Returns:
       float32 `[batch, size, size, 3]` in [0, 1].

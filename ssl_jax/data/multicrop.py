@@ -21,15 +21,6 @@ from ssl_jax.data import augment
 Array = jax.Array
 
 
-def dino_view(**overrides: Any):
-    """A DINO view config: ``augment.view_config`` with DINO's colour jitter (brightness 0.4,
-    contrast 0.4, saturation 0.2, hue 0.1, p=0.8), grayscale p=0.2 and flip; ``overrides`` set
-    size, crop scale, blur and solarize probabilities."""
-    base = dict(color_jitter=1.0, color_jitter_p=0.8, brightness=0.4, contrast=0.4,
-                saturation=0.2, hue=0.1, grayscale_p=0.2, flip=True, solarize_p=0.0)
-    return augment.view_config(**{**base, **overrides})
-
-
 def global_view_config(index: int, global_views: Sequence[Any]) -> Any:
     """The view config of global crop ``index``: the configs are used in turn (crop 0 gets the
     first, crop 1 the second, crop 2 the first again, ...)."""

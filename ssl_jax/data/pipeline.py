@@ -263,7 +263,7 @@ def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
 def read_options(data_cfg: ml_collections.ConfigDict, local_batch: int) -> grain.ReadOptions:
     """Grain's reading of this process (or worker): ``data.read_threads`` threads, two batches
     read ahead."""
-    return grain.ReadOptions(num_threads=data_cfg.get("read_threads", 16),  # 16: older runs
+    return grain.ReadOptions(num_threads=data_cfg.read_threads,
                              prefetch_buffer_size=max(2 * local_batch, 64))
 
 
@@ -367,7 +367,7 @@ class _TrainDataset(grain.IterDataset):
         super().__init__()
         self._decoded, self._keys, self._local_batch = decoded, keys, local_batch
         self._workers = data_cfg.num_workers
-        self._prefetch = data_cfg.get("prefetch", 2)
+        self._prefetch = data_cfg.prefetch
         self._read_options = read_options(data_cfg, local_batch)
         self.layout = f"{keys.layout}, {decoded!r}, num_workers={self._workers}"
 
@@ -417,7 +417,7 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
         if data_cfg.num_workers > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=data_cfg.num_workers,
-                per_worker_buffer_size=data_cfg.get("prefetch", 2)))
+                per_worker_buffer_size=data_cfg.prefetch))
         batches = iter(it.batch(local_batch, drop_remainder=False))
 
     def generate() -> Iterator[dict[str, np.ndarray]]:

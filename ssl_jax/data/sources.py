@@ -77,36 +77,6 @@ class _ImageLabelFields:
         return image_label_fields(data_cfg.image_size)
 
 
-def data_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The `config.data` block with its defaults, updated by `overrides`.
-
-    Keys: name, source ('auto' | 'builtin' | 'tfds' | 'folder'), root (image-folder root),
-    data_dir (TFDS data dir, '' for the default), image_size (side of the square uint8
-    images the pipeline emits), train_split, test_split, num_workers (Grain worker
-    processes, 0 = in-process), prefetch (batches buffered per worker), read_threads (Grain's
-    reading threads per process or worker: many for remote storage, few on a small CPU host).
-    """
-    cfg = ml_collections.ConfigDict(
-        {
-            "name": "digits",
-            "source": "auto",
-            "root": "",
-            "data_dir": "",
-            "image_size": 32,
-            "train_split": "train",
-            "test_split": "test",
-            "num_workers": 0,
-            "prefetch": 2,
-            "read_threads": 16,
-        }
-    )
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise DataError(f"unknown data config key {key!r}; known keys: {', '.join(cfg)}")
-        cfg[key] = value
-    return cfg
-
-
 def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
     """`data_cfg.data_dir`, else `$TFDS_DATA_DIR`, else `~/.cache/ssl_jax/tensorflow_datasets`."""
     data_dir = data_cfg.get("data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")

@@ -153,12 +153,12 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     results["ssl"] = evaluate_encoder(method.encoder, variables, config, mesh, config.seed)
     if isinstance(method.encoder, ViT):
         picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
-                                           config.eval.get("attention_images", 4))
+                                           config.eval.attention_images)
         if picture:
             results["attention_picture"] = picture
             logging.info("wrote attention maps to %s", picture)
     picture = write_method_pictures(method, state, config, mesh, workdir, step,
-                                    config.eval.get("attention_images", 4))
+                                    config.eval.attention_images)
     if picture:
         results["reconstruction_picture"] = picture
         logging.info("wrote reconstructions to %s", picture)
