@@ -13,10 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ssl_jax import presets
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import parallel, train
+from ssl_jax import parallel, presets, train
 from ssl_jax import restore as restore_lib
 from ssl_jax.data import pipeline, sources
 from ssl_jax.step import example_batch

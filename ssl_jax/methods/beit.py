@@ -243,13 +243,3 @@ def _check_config(config, encoder, tokenizer) -> tuple[int, int]:
             f"a block of {cfg.min_block_patches} patches (about {side}x{side}) does not fit in the "
             f"{grid[0]}x{grid[1]} grid (blocks must be smaller than the grid); lower it")
     return grid
-
-
-def beit_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """BEiT's ImageNet defaults (ViT-B/16: 75 of 196 patches masked, blocks >= 16 patches)."""
-    cfg = ml_collections.ConfigDict(dict(
-        tokenizer_workdir="", vocab_size=8192, mask_ratio=75 / 196 + 1e-6, min_block_patches=16,
-        min_aspect=0.3))
-    cfg.update(overrides)
-    return cfg
-

@@ -328,14 +328,3 @@ def _check_config(config, encoder, total_steps: int, steps_per_epoch: int):
         require(cfg.warmup_teacher_temp_epochs <= run_epochs, "dino.warmup_teacher_temp_epochs",
                 f"the teacher-temperature warm-up ({cfg.warmup_teacher_temp_epochs} epochs) is "
                 f"longer than the run ({run_epochs:.3g} epochs); shorten it or train longer")
-
-
-def dino_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """DINO's ImageNet defaults (ViT-S/16 recipe of the paper's code)."""
-    cfg = ml_collections.ConfigDict(dict(
-        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3, head_bn=False,
-        norm_last_layer=True, student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=30.0, center_momentum=0.9, momentum_teacher=0.996))
-    cfg.update(overrides)
-    return cfg
-

@@ -249,15 +249,3 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     require(cfg.kl_weight >= 0.0, "dvae.kl_weight", f"{cfg.kl_weight} must be >= 0")
     require(isinstance(cfg.straight_through, bool), "dvae.straight_through",
             "must be true or false")
-
-
-def dvae_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The dVAE's ImageNet defaults (DALL-E's recipe at BEiT's 112-px tokenizer input)."""
-    cfg = ml_collections.ConfigDict(dict(
-        vocab_size=8192, hidden_dim=128, codebook_dim=128, num_downsample=3, num_res_blocks=2,
-        dtype="float32", temperature_start=1.0, temperature_end=1.0 / 16,
-        temperature_anneal_fraction=0.6, kl_weight=0.01, kl_warmup_fraction=0.02,
-        straight_through=False))
-    cfg.update(overrides)
-    return cfg
-

@@ -215,13 +215,3 @@ def _check_config(config, encoder) -> None:
     if cfg.mask_kind == "block":
         require(1 <= cfg.block_min_patches <= n - keep, "mae.block_min_patches",
                 f"{cfg.block_min_patches} must be in [1, {n - keep}] (the masked patches)")
-
-
-def mae_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """MAE's ImageNet defaults (ViT-B/16 pre-training recipe)."""
-    cfg = ml_collections.ConfigDict(dict(
-        mask_ratio=0.75, mask_kind="random", block_min_patches=16, norm_pix_loss=True,
-        decoder_dim=512, decoder_depth=8, decoder_heads=16))
-    cfg.update(overrides)
-    return cfg
-

@@ -83,12 +83,3 @@ class SimCLR(MethodBase):
 
 
 METHOD = SimCLR
-
-
-def simclr_config(**overrides: Any) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
-        dict(temperature=0.1, proj_hidden_dim=2048, proj_out_dim=128, proj_layers=3, proj_bn=True)
-    )
-    cfg.update(overrides)
-    return cfg
-
