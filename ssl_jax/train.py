@@ -5,7 +5,8 @@ r"""The one pre-training loop. It knows no method by name.
 
 Re-running with the same workdir resumes from its newest good checkpoint, data position
 included. Sections: set-up, data, method and optimizer, state (created sharded), the step,
-the loop (logging, checkpoints), export.
+the loop (:func:`ssl_jax.loop.run_steps`, shared with fine-tuning: logging, checkpoints,
+preemption, non-finite steps), export.
 
 Faults (exit codes in :mod:`ssl_jax.faults`):
 
@@ -31,17 +32,14 @@ Faults (exit codes in :mod:`ssl_jax.faults`):
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from ssl_jax import allocator, faults, flops, methods, parallel
+from ssl_jax import allocator, faults, flops, loop, methods, parallel
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax.config import require
 from ssl_jax.data import pipeline
@@ -99,7 +97,8 @@ def _train(
     total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
 
     # --- Method, optimizer, state ---------------------------------------------------------------
-    method = methods.create(config, mesh, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    method = methods.create(config, mesh, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch)
     setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
     schedule, tx, shardings = setup.schedule, setup.tx, setup.shardings
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -130,57 +129,15 @@ def _train(
     # Measured once per process and compute dtype, for the 'mfu' metric.
     peak_flops = flops.peak_flops(config.model.get("dtype", "float32"))
 
-    # --- The loop ------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir)
-    progress = _progress_bar(total_steps, start_step)
-    last_time, last_step = time.perf_counter(), start_step
-    nonfinite_seen = int(state["nonfinite_steps"])  # those of earlier invocations
+    # --- The loop (shared with fine-tuning: ssl_jax.loop) ------------------------------------
     last = min(total_steps, stop_at_step) if stop_at_step > 0 else total_steps
-    stop_on_nonfinite, previous = config.on_nonfinite == "stop", None
-    if preemption.signalled():
-        _stop_preempted(checkpoints, writer, start_step, saved=False)
-    for step in range(start_step + 1, last + 1):
-        batch = parallel.global_batch(next(data_iter), mesh)  # every field the data declares
-        state, metrics = step_fn(state, batch)
-        if stop_on_nonfinite and previous is not None:  # the step before, one step late
-            _check_finite(step - 1, previous, checkpoints)
-        previous = metrics
-        if step == start_step + 1:  # Time compilation apart so images/s measures the steps.
-            jax.block_until_ready(state)
-            first_step_s = time.perf_counter() - last_time
-            logging.info("first step, compilation included: %.1f s", first_step_s)
-            last_time, last_step = time.perf_counter(), step
-        if step % config.log_every == 0 or step == last:
-            metrics = jax.device_get(metrics)
-            nonfinite = int(state["nonfinite_steps"])
-            now = time.perf_counter()
-            metrics["images_per_sec"] = (
-                config.batch_size * (step - last_step) / (now - last_time)
-                if step > last_step else config.batch_size / first_step_s)
-            metrics.update(flops.mfu_metric(
-                step_fn.flops, metrics["images_per_sec"] / config.batch_size, peak_flops))
-            metrics["nonfinite_steps"] = nonfinite
-            metrics["epoch"] = step / steps_per_epoch
-            writer.write(step, metrics)
-            progress.update(step - progress.n)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                 img_s=f"{metrics['images_per_sec']:.0f}")
-            last_time, last_step = now, step
-            if nonfinite > nonfinite_seen:
-                logging.warning("%d non-finite step(s) skipped up to step %d", nonfinite, step)
-                nonfinite_seen = nonfinite
-        # Every process asks at every step (the multi-host sync point requires it).
-        preempted = preemption.reached(step, checkpoints.reached_preemption) and step < last
-        if preempted or step % config.checkpoint.every_steps == 0 or step == last:
-            if stop_on_nonfinite:  # never save a state once a non-finite step happened
-                _check_finite(step, metrics, checkpoints)
-            checkpoints.save(step, state, data_iter)
-        if preempted:
-            progress.close()
-            _stop_preempted(checkpoints, writer, step, saved=True)
-    progress.close()
-    checkpoints.wait()
-    writer.close()
+    state = loop.run_steps(
+        state=state, step_fn=step_fn, data_iter=data_iter, mesh=mesh, checkpoints=checkpoints,
+        writer=MetricsWriter(workdir), preemption=preemption,
+        start_step=start_step, last_step=last, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
+        log_every=config.log_every, checkpoint_every=config.checkpoint.every_steps,
+        on_nonfinite=config.on_nonfinite, peak_flops=peak_flops)
 
     # --- Export ---------------------------------------------------------------------------------
     final_step = int(state["step"])
@@ -191,45 +148,6 @@ def _train(
         logging.info("exported the encoder of step %d to %s", final_step, target)
     checkpoints.close()
     return state
-
-
-def _check_finite(step: int, metrics: dict[str, Any], checkpoints: ckpt_lib.RunCheckpoints):
-    """Raises :class:`NonFiniteError` naming ``step`` if its loss or gradient norm is not
-    finite (a host sync on the two scalars)."""
-    loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
-    if np.isfinite(loss) and np.isfinite(grad_norm):
-        return
-    checkpoints.wait()
-    latest = checkpoints.latest_step()
-    kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}; the same "
-            "command resumes from it" if latest is not None else "no checkpoint was saved")
-    raise NonFiniteError(
-        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step} with "
-        f"on_nonfinite='stop'; {kept}. Lower the learning rate (--config.optim.base_lr) or "
-        "check the data, or pass --config.on_nonfinite=skip to skip such steps.")
-
-
-def _stop_preempted(checkpoints: ckpt_lib.RunCheckpoints, writer: MetricsWriter, step: int,
-                    saved: bool) -> None:
-    """Waits for the checkpoint of ``step`` to be complete, then raises ``Preempted``."""
-    checkpoints.close()  # waits for the save in flight
-    writer.close()
-    if saved:
-        what = f"saved the checkpoint of step {step}"
-    else:
-        latest = checkpoints.latest_step()
-        what = "before the first step; " + (
-            f"the newest checkpoint is step {latest}" if latest is not None else "no checkpoint")
-    message = (f"preempted: {what} in {checkpoints.directory}; run the same command to resume "
-               f"(exit code {faults.EXIT_PREEMPTED})")
-    raise faults.Preempted(step, message)
-
-
-def _progress_bar(total: int, initial: int):
-    import tqdm
-
-    return tqdm.tqdm(total=total, initial=initial, disable=not sys.stdout.isatty(),
-                     unit="step", dynamic_ncols=True)
 
 
 def define_flags() -> None:

@@ -4,24 +4,28 @@ a tiny checkpoint (pre-trained and from scratch), and bad input that leaves resu
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from configs import finetune as finetune_config
+from configs import finetune as configs_finetune
 from configs import simclr as simclr_config
-from ssl_jax import finetune as finetune_job
-from ssl_jax import optim
+from ssl_jax import optim, parallel
 from ssl_jax.checkpoint import WorkdirError, check_workdir
 from ssl_jax.config import ConfigError
 from ssl_jax.data.sources import make_source
-from ssl_jax.evaluate import classifier as classifier_lib
-from ssl_jax.evaluate import finetune_data, mixup
+from ssl_jax.finetuning import classifier as classifier_lib
+from ssl_jax.finetuning import data as finetune_data
+from ssl_jax.finetuning import default_config as finetune_config
+from ssl_jax.finetuning import job as finetune_job
+from ssl_jax.finetuning import mixup
 from ssl_jax.models import create_encoder
 from ssl_jax.presets import data_config
 
@@ -169,16 +173,20 @@ def test_finetune_presets():
     large = finetune_config.get_config("data=imagenet2012,vit=l")
     assert (large.optim.layer_decay, large.num_epochs, large.optim.base_lr) == (0.75, 50, 1e-3)
     assert finetune_config.get_config("data=cifar10").batch_size > 0
+    # configs/finetune.py re-exports the package's recipe (for --config configs/finetune.py:...).
+    assert configs_finetune.get_config is finetune_config.get_config
 
 
 def _snapshot(workdir):
-    """Every file of the pre-training run except finetune.json, with its bytes."""
+    """Every file of the pre-training run except finetune.json and the fine-tunings' own folder
+    (RUN/finetune/), with its bytes."""
     out = {}
     for root, _, files in os.walk(workdir):
         for f in files:
-            path = os.path.join(root, f)
-            if f != finetune_job.RESULTS_FILE:
-                out[os.path.relpath(path, workdir)] = open(path, "rb").read()
+            path = os.path.relpath(os.path.join(root, f), workdir)
+            if f != finetune_job.RESULTS_FILE and not path.startswith(
+                    finetune_job.FINETUNE_DIR + os.sep):
+                out[path] = open(os.path.join(workdir, path), "rb").read()
     return out
 
 
@@ -210,7 +218,7 @@ def test_finetune_job_pretrained_and_from_scratch(trained_run, capsys):
 def test_bad_input_names_the_key_and_keeps_results(trained_run, tmp_path):
     _, trained = trained_run
     workdir = tmp_path / "run"
-    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("finetune.json"))
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("finetune*"))
     earlier = '{"earlier": "kept"}'
     (workdir / "finetune.json").write_text(earlier)
     with pytest.raises(ConfigError, match=r"model\.width_multiplier.*checkpoints/6"):
@@ -264,3 +272,227 @@ def test_pool_choices():
     with pytest.raises(ValueError, match="cls token"):
         classifier_lib.check_pool(vit, "cls")
     classifier_lib.check_pool(vit, "gap")
+
+
+# --- Checkpoints, resume, faults (the pre-training loop's guarantees, ssl_jax.loop) -----------
+# Fine-tunings here are subprocesses on 1 CPU device sharing a persistent compilation cache, of
+# the same 6-step runlocal fine-tuning with a checkpoint every 2 steps.
+
+FT_FLAGS = ("--config", RUNLOCAL, "--config.checkpoint.every_steps=2", "--config.log_every=1")
+FT_NAME = "pretrained_step6_label_fraction_1.0"  # RUN/finetune/<this>: the result name, sanitised
+
+
+@pytest.fixture(scope="module")
+def ft_env(tmp_path_factory):
+    return dict(
+        os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("ft_jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", SSL_JAX_PEAK_FLOPS="1e11")
+
+
+def _copy_run(trained, target):
+    """The pre-training run without any fine-tuning of it."""
+    shutil.copytree(trained, target, ignore=shutil.ignore_patterns("finetune*"))
+    return target
+
+
+def _finetune(env, workdir, *flags, fault=""):
+    command = ([sys.executable, os.path.join(REPO, "tests", "finetune_fault_driver.py"),
+                f"--fault={fault}"] if fault else [sys.executable, "-m", "ssl_jax.finetune"])
+    return subprocess.run([*command, "--workdir", str(workdir), *FT_FLAGS, *flags], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _ft_steps(workdir):
+    return sorted(int(n) for n in os.listdir(workdir / "finetune" / FT_NAME / "checkpoints")
+                  if n.isdigit())
+
+
+def _final(workdir):
+    """``(state, data position, test top-1)`` of the fine-tuning's step 6."""
+    import orbax.checkpoint as ocp
+
+    step_dir = workdir / "finetune" / FT_NAME / "checkpoints" / "6"
+    state = ocp.StandardCheckpointer().restore(step_dir / "state")
+    entry = json.loads((workdir / "finetune.json").read_text())[
+        "pretrained@step6,label_fraction=1.0"]
+    return state, (step_dir / "data" / "process_0-of-1.json").read_bytes(), entry["test_top1"]
+
+
+@pytest.fixture(scope="module")
+def ft_reference(trained_run, ft_env, tmp_path_factory):
+    """An uninterrupted fine-tuning: its run's workdir."""
+    workdir = _copy_run(trained_run[1], tmp_path_factory.mktemp("ft_ref") / "run")
+    done = _finetune(ft_env, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _ft_steps(workdir) == [4, 6]  # keep=2
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def ft_preempted(trained_run, ft_env, tmp_path_factory):
+    """A fine-tuning sent SIGTERM while its 3rd batch is assembled: what it left."""
+    workdir = _copy_run(trained_run[1], tmp_path_factory.mktemp("ft_term") / "run")
+    done = _finetune(ft_env, workdir, fault="sigterm:3")
+    return workdir, done.returncode, done.stderr, _ft_steps(workdir)
+
+
+def test_sigterm_saves_the_current_step_and_exits_75(ft_preempted):
+    workdir, returncode, stderr, steps = ft_preempted
+    assert returncode == 75, stderr[-3000:]
+    assert "preempted: saved the checkpoint of step 3" in stderr
+    assert steps == [2, 3]  # the periodic checkpoint and the step it stopped at
+    assert json.loads((workdir / "finetune" / FT_NAME / "config.json").read_text())["pool"]
+    assert not (workdir / "finetune.json").exists()  # no result before the fine-tuning ends
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # pre-training's untouched
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(ft_preempted, ft_reference, ft_env):
+    """The preempted fine-tuning resumes, is SIGKILLed during step 5 (its 2nd batch), resumes
+    again and ends bit for bit as the uninterrupted one: parameters, optimizer state, data
+    position and test top-1."""
+    workdir = ft_preempted[0]
+    killed = _finetune(ft_env, workdir, fault="batch:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"resumed {workdir}/finetune/{FT_NAME} from step 3" in killed.stderr
+    assert _ft_steps(workdir) == [3, 4]
+    resumed = _finetune(ft_env, workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {workdir}/finetune/{FT_NAME} from step 4" in resumed.stderr
+    state, position, top1 = _final(workdir)
+    want_state, want_position, want_top1 = _final(ft_reference)
+    chex.assert_trees_all_equal(state, want_state)
+    assert position == want_position and top1 == want_top1
+    rows = [json.loads(line) for line in
+            (workdir / "finetune" / FT_NAME / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == set(range(1, 7))  # every invocation's rows
+    curve = json.loads((workdir / "finetune.json").read_text())[
+        "pretrained@step6,label_fraction=1.0"]["train_loss_curve"]
+    assert [s for s, _ in curve] == list(range(1, 7))
+
+
+def test_finetune_folder_of_another_model_is_refused(trained_run, tmp_path, capsys):
+    from ssl_jax import cli
+    from ssl_jax import config as config_lib
+
+    workdir = _copy_run(trained_run[1], tmp_path / "run")
+    config, _ = finetune_job.load_config(workdir, RUNLOCAL)
+    with config.unlocked():
+        config.model.width_multiplier = 0.25
+    folder = workdir / "finetune" / FT_NAME
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(config_lib.to_json(config))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.guard(lambda argv: finetune_job.finetune(str(workdir), RUNLOCAL))([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {folder} holds a fine-tuning with model=" in err
+    assert "Move that folder away" in err
+    assert sorted(os.listdir(folder)) == ["config.json"]  # nothing written
+    assert not (workdir / "finetune.json").exists()
+
+
+def test_runs_from_a_non_editable_install(trained_run, ft_env, ft_reference, tmp_path):
+    """An install that is not editable (the package's files as a wheel holds them, built by
+    setuptools from pyproject.toml: ``build_py``, what ``pip install .`` puts in site-packages;
+    pip's own wheel build needs the ``wheel`` package), run from outside the repository without
+    ``--config``: the job finds its recipe in the package, not in the repository's configs/."""
+    source, target = tmp_path / "src", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source / name)
+    shutil.copytree(os.path.join(REPO, "ssl_jax"), source / "ssl_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py",
+         "--build-lib", str(target)], capture_output=True, text=True, timeout=300, cwd=source)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (target / "ssl_jax" / "finetuning" / "default_config.py").exists()
+    assert sorted(os.listdir(target)) == ["ssl_jax"]  # no configs/, no tests/
+    workdir = _copy_run(trained_run[1], tmp_path / "run")
+    env = {**ft_env, "PYTHONPATH": str(target)}
+    # The digits recipe overridden into the runlocal fine-tuning of FT_FLAGS: the same result.
+    same_as_runlocal = ("--config.total_steps=6", "--config.batch_size=32",
+                        "--config.optim.warmup_epochs=0", "--config.eval_batch_size=64",
+                        "--config.log_every=1", "--config.checkpoint.every_steps=2",
+                        "--config.checkpoint.async_save=False")
+    done = subprocess.run(
+        [sys.executable, "-m", "ssl_jax.finetune", "--workdir", str(workdir), *same_as_runlocal],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{target}/ssl_jax/finetuning/job.py" in done.stderr  # the installed code ran
+    entry = json.loads((workdir / "finetune.json").read_text())[
+        "pretrained@step6,label_fraction=1.0"]
+    assert entry["config"]["recipe"] == "digits" and entry["steps"] == 6
+    assert entry["directory"] == str(workdir / "finetune" / FT_NAME)
+    assert entry["test_top1"] == _final(ft_reference)[2]
+
+
+# --- The shared loop: non-finite steps --------------------------------------------------------
+
+
+class _Checkpoints:
+    """What the loop needs of ``RunCheckpoints``, recording the saves."""
+
+    directory = "CKPT"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, data_iter):
+        self.saved.append(step)
+
+    def latest_step(self):
+        return self.saved[-1] if self.saved else None
+
+    def reached_preemption(self, step):
+        return False
+
+    def wait(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _nan_at(bad_step):
+    """A step that counts, with a NaN loss (and the state left alone) at ``bad_step``."""
+
+    def step_fn(state, batch):
+        bad = int(state["step"]) + 1 == bad_step
+        loss = float("nan") if bad else 1.0
+        new = {"step": state["step"] + 1, "nonfinite_steps": state["nonfinite_steps"] + int(bad),
+               "sum": state["sum"] + (0 if bad else int(batch["label"].sum()))}
+        return new, {"loss": loss, "grad_norm": 1.0, "lr": 0.1}
+
+    return step_fn
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "stop"])
+def test_loop_skips_or_stops_at_a_nonfinite_step(on_nonfinite, tmp_path):
+    from ssl_jax import faults, loop
+    from ssl_jax.metrics import MetricsWriter
+
+    batches = iter([{"image": np.zeros((8, 2, 2, 3), np.uint8),
+                     "label": np.full((8,), i, np.int32)} for i in range(1, 7)])
+    checkpoints = _Checkpoints()
+    kwargs = dict(
+        state={"step": 0, "nonfinite_steps": 0, "sum": 0}, step_fn=_nan_at(4), data_iter=batches,
+        to_batch=lambda b: b, mesh=parallel.make_mesh(), checkpoints=checkpoints,
+        writer=MetricsWriter(tmp_path, tensorboard=False), preemption=faults.PreemptionWatcher(),
+        start_step=0, last_step=6, total_steps=6, steps_per_epoch=3, batch_size=8, log_every=1,
+        checkpoint_every=2, on_nonfinite=on_nonfinite)
+    if on_nonfinite == "stop":
+        with pytest.raises(faults.NonFiniteError, match=r"at step 4 .*last good checkpoint is "
+                           r"step 2 in CKPT"):
+            loop.run_steps(**kwargs)
+        assert checkpoints.saved == [2]  # none once the non-finite step happened
+        return
+    state = loop.run_steps(**kwargs)
+    assert state["nonfinite_steps"] == 1 and state["sum"] == 8 * (1 + 2 + 3 + 5 + 6)
+    assert checkpoints.saved == [2, 4, 6]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert rows[3]["loss"] == "nan" and rows[-1]["epoch"] == 2.0

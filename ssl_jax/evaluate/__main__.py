@@ -47,14 +47,15 @@ _OVERRIDES: list[str] = []
 _STATE_NEUTRAL = ("eval.", "data.", "seed=", "mesh.", "sharding_rules=")
 
 
-def evaluate_encoder(encoder, variables, config, mesh, seed: int) -> dict[str, Any]:
-    """Linear-probe and kNN top-1 of one encoder on the run's train/test splits."""
+def evaluate_encoder(method, variables, config, mesh, seed: int) -> dict[str, Any]:
+    """Linear-probe and kNN top-1 of ``method``'s encoder on the run's train/test splits (the
+    encoder sees ``method.encoder_input`` of the images)."""
     ev = config.eval
     start = time.perf_counter()
     train_x, train_y = features_lib.extract_features(
-        encoder, variables, config, config.data.train_split, mesh)
+        method.encoder, variables, config, config.data.train_split, mesh, method.encoder_input)
     test_x, test_y = features_lib.extract_features(
-        encoder, variables, config, config.data.test_split, mesh)
+        method.encoder, variables, config, config.data.test_split, mesh, method.encoder_input)
     train_x, train_y = features_lib.subsample(train_x, train_y, ev.max_train_examples, seed)
     test_x, test_y = features_lib.subsample(test_x, test_y, ev.max_test_examples, seed + 1)
     extract_s = time.perf_counter() - start
@@ -150,7 +151,7 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     logging.info("evaluating %s at step %d", workdir, step)
     results = {"step": int(step), "method": config.method, "model": config.model.name,
                "data": config.data.name, "eval_config": config.eval.to_dict()}
-    results["ssl"] = evaluate_encoder(method.encoder, variables, config, mesh, config.seed)
+    results["ssl"] = evaluate_encoder(method, variables, config, mesh, config.seed)
     if isinstance(method.encoder, ViT):
         picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
                                            config.eval.attention_images)
@@ -169,7 +170,7 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     if config.eval.random_init_baseline:
         rnd_method, rnd_vars = features_lib.random_encoder(config, mesh, config.seed + 1)
         results["random_init"] = evaluate_encoder(
-            rnd_method.encoder, rnd_vars, config, mesh, config.seed)
+            rnd_method, rnd_vars, config, mesh, config.seed)
     if parallel.is_main_process():
         print(format_table(results), flush=True)
         try:

@@ -3,6 +3,7 @@ for the baseline) and embed a whole split without augmentation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,15 +58,19 @@ def extract_features(
     config: ml_collections.ConfigDict,
     split: str,
     mesh: Mesh,
+    encoder_input: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(features [n, d] float32, labels [n] int32)`` of every example of ``split``."""
+    """``(features [n, d] float32, labels [n] int32)`` of every example of ``split``; the
+    encoder sees ``encoder_input(normalised centre views)``: pass the method's
+    ``method.encoder_input`` (None: the views themselves)."""
+    feed = encoder_input or (lambda x: x)
     crop = config.aug.view1.size
     batch_size = config.eval.batch_size
     parallel.check_global_batch(batch_size, mesh)
 
     @jax.jit
     def embed(variables, images):
-        return encoder.apply(variables, eval_view(images, crop), train=False)
+        return encoder.apply(variables, feed(eval_view(images, crop)), train=False)
 
     feats, labels = [], []
     for batch in pipeline.eval_batches(
