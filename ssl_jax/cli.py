@@ -164,3 +164,13 @@ def guard(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 def run(main: Callable[[list[str]], None]) -> None:
     """``absl.app.run(main)`` with bad flags and user errors as exit code 2, OS errors as 3."""
     app.run(guard(main), flags_parser=parse_flags)
+
+
+def workdir_argument(argv: list[str]) -> str:
+    """The ``--workdir`` of a job on a run (evaluation, fine-tuning), which takes no positional
+    arguments; a flag error (exit code 2) otherwise."""
+    if len(argv) > 1:
+        raise flags.Error(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.workdir is None:
+        raise flags.Error("--workdir is required")
+    return flags.FLAGS.workdir

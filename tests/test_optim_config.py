@@ -124,11 +124,13 @@ def test_freeze_and_clip_keys_are_checked():
         optim.make_optimizer(presets.optim_config(freeze=(("head[", 1.0),)), schedule)
     with pytest.raises(config_lib.ConfigError, match="optim.grad_clip_kind"):
         optim.make_optimizer(presets.optim_config(grad_clip_kind="local"), schedule)
-    # A config of a run started before these keys existed still builds the same optimizer.
+    # A config of a run started before these keys existed, as the jobs load it (through
+    # config.upgrade_run_config), still builds the same optimizer.
     old = presets.optim_config()
     for key in ("freeze", "weight_decay_end", "grad_clip_kind"):
         del old[key]
-    tx = optim.make_optimizer(old, schedule)
+    run = config_lib.upgrade_run_config(ml_collections.ConfigDict({"optim": old}))
+    tx = optim.make_optimizer(run.optim, schedule)
     params = {"kernel": jnp.ones((2, 2))}
     assert jax.tree_util.tree_structure(tx.init(params)) == jax.tree_util.tree_structure(
         optim.make_optimizer(presets.optim_config(), schedule).init(params))

@@ -93,6 +93,29 @@ def test_old_runs_resume_to_the_same_numbers(old_runs, run):
     assert saved["start"] == 48 and saved["grain"] == {"next_index": 48}  # 3 steps of 16 more
 
 
+@pytest.mark.parametrize("run", ["simclr", "dino"])
+def test_old_runs_evaluate_and_finetune(old_runs, run):
+    """The jobs that read a run (evaluation, fine-tuning) accept a run of 58b80cc as it is: its
+    checkpoint stays untouched, the results land beside it."""
+    from ssl_jax.evaluate import __main__ as evaluate_job
+    from ssl_jax.finetuning import job as finetune_job
+
+    workdir = old_runs / run
+    checkpoints = _listing(workdir / "checkpoints")
+    results = evaluate_job.evaluate(str(workdir), [
+        "eval.max_train_examples=256", "eval.max_test_examples=128", "eval.probe_epochs=2",
+        "eval.random_init_baseline=False", "eval.attention_images=0"])
+    assert results["step"] == 3 and results["method"] == run
+    probe = results["ssl"]["linear_top1"]
+    assert abs(probe * 128 - round(probe * 128)) < 1e-6  # a share of the 128 test images
+    ft = finetune_job.finetune(str(workdir), "configs/finetune.py:data=digits,runlocal")
+    assert ft["init"] == "pretrained" and ft["checkpoint_step"] == 3 and ft["method"] == run
+    assert ft["steps"] == 6 and abs(ft["test_top1"] * ft["num_test"]
+                                    - round(ft["test_top1"] * ft["num_test"])) < 1e-6
+    assert (workdir / "finetune").is_dir() and (workdir / "eval.json").is_file()
+    assert _listing(workdir / "checkpoints") == checkpoints
+
+
 def test_old_data_loader_state_is_converted_exactly(old_runs):
     config = restore_lib.load_run_config(old_runs / "simclr")
     old = json.loads((old_runs / "simclr/checkpoints/3/data/process_0-of-1.json").read_text())

@@ -203,12 +203,11 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.workdir is None:
-        raise flags.Error("--workdir is required")
+    from ssl_jax import cli
+
+    workdir = cli.workdir_argument(argv)
     parallel.initialize_distributed()
-    evaluate(flags.FLAGS.workdir, _OVERRIDES)
+    evaluate(workdir, _OVERRIDES)
 
 
 if __name__ == "__main__":

@@ -453,12 +453,11 @@ def format_table(results: dict[str, Any], latest: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.workdir is None:
-        raise flags.Error("--workdir is required")
+    from ssl_jax import cli
+
+    workdir = cli.workdir_argument(argv)
     parallel.initialize_distributed()
-    finetune(flags.FLAGS.workdir, flags.FLAGS.config, _OVERRIDES)
+    finetune(workdir, flags.FLAGS.config, _OVERRIDES)
 
 
 def define_flags() -> None:
