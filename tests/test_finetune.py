@@ -422,7 +422,12 @@ def test_runs_from_a_non_editable_install(trained_run, ft_env, ft_reference, tmp
         [sys.executable, "-m", "ssl_jax.finetune", "--workdir", str(workdir), *same_as_runlocal],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{target}/ssl_jax/finetuning/job.py" in done.stderr  # the installed code ran
+    where = subprocess.run(  # the same interpreter, environment and folder import the install
+        [sys.executable, "-c", "import ssl_jax.finetune as f, ssl_jax.finetuning.job as j;"
+         "print(f.__file__); print(j.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.split() == [f"{target}/ssl_jax/finetune.py",
+                                    f"{target}/ssl_jax/finetuning/job.py"], where.stderr
     entry = json.loads((workdir / "finetune.json").read_text())[
         "pretrained@step6,label_fraction=1.0"]
     assert entry["config"]["recipe"] == "digits" and entry["steps"] == 6

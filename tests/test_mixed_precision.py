@@ -13,8 +13,9 @@ import pytest
 
 from configs import dino as dino_config
 from configs import mae as mae_config
-from ssl_jax import finetune, methods, parallel
+from ssl_jax import methods, parallel
 from ssl_jax.config import ConfigError
+from ssl_jax.finetuning import job as finetune
 from tests.method_steps import loss_step
 
 

@@ -198,6 +198,7 @@ _WORKERS_SCRIPT = '''
 import json, sys
 import numpy as np
 from absl import app
+from ssl_jax import presets
 from ssl_jax.data import pipeline, sources
 
 
