@@ -36,7 +36,8 @@ from ssl_jax.data import augment, masking
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.methods.ssl_math import patchify, unpatchify
 from ssl_jax.models.layers import Dense
-from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT, dense_kernel_init, sincos_2d_pos_embed
+from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT, sincos_2d_pos_embed
+from ssl_jax.models.vit_init import dense_init
 
 NORM_PIX_EPS = 1e-6
 
@@ -91,7 +92,7 @@ class MAEDecoder(nn.Module):
         chex.assert_rank([tokens, ids_restore], [3, 2])
         batch, num_patches = ids_restore.shape
         chex.assert_equal(num_patches, self.grid[0] * self.grid[1])
-        x = Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+        x = Dense(self.dim, dtype=self.dtype, kernel_init=dense_init("mae"),
                      name="embed")(tokens.astype(self.dtype))
         cls, visible = x[:, :1], x[:, 1:]
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim))
@@ -105,7 +106,7 @@ class MAEDecoder(nn.Module):
             x = EncoderBlock(self.dim, self.num_heads, self.mlp_ratio, drop_path=0.0,
                              layer_scale_init=None, dtype=self.dtype, name=f"block{i}")(x, False)
         x = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm")(x)
-        x = Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_kernel_init,
+        x = Dense(self.patch_dim, dtype=self.dtype, kernel_init=dense_init("mae"),
                      name="pred")(x[:, 1:])
         x = x.astype(jnp.float32)
         chex.assert_shape(x, (batch, num_patches, self.patch_dim))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax.models.layers import Conv, Dense, attention, attention_weights, gelu
+from ssl_jax.models.vit_init import check_init_scheme, dense_init, patch_init
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "ti": (192, 12, 3),
@@ -44,9 +45,6 @@ POS_EMBED_KINDS = ("learned", "sincos", "none")
 POOL_KINDS = ("cls", "mean")
 LN_EPSILON = 1e-6
 
-dense_kernel_init = nn.initializers.xavier_uniform()
-# Xavier on the flattened [patch * patch * channels, dim] kernel, as MAE does.
-patch_kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
 token_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
@@ -165,6 +163,8 @@ class Attention(nn.Module):
     dim: int
     num_heads: int
     dtype: Any = jnp.float32
+    init_scheme: str = "mae"  # see models/vit_init.py
+    layer_id: int = 1  # 1-based block index (BEiT's scheme scales `proj` by it)
 
     @nn.compact
     def __call__(
@@ -179,14 +179,16 @@ class Attention(nn.Module):
         matmuls run on contiguous blocks; q is scaled before ``q k^T``."""
         batch, tokens, _ = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = Dense(3 * self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="qkv")(x)
+        qkv = Dense(3 * self.dim, dtype=self.dtype, kernel_init=dense_init(self.init_scheme),
+                    name="qkv")(x)
         q, k, v = (t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
                    for t in jnp.split(qkv, 3, axis=-1))
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
         if return_weights:
             return attention_weights(q, k, bias)
         out = attention(q, k, v, bias).reshape(batch, tokens, self.dim)
-        return Dense(self.dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="proj")(out)
+        return Dense(self.dim, dtype=self.dtype,
+                     kernel_init=dense_init(self.init_scheme, self.layer_id), name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -194,13 +196,17 @@ class Mlp(nn.Module):
 
     hidden_dim: int
     dtype: Any = jnp.float32
+    init_scheme: str = "mae"
+    layer_id: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
-        x = Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="fc1")(x)
+        init = self.init_scheme
+        x = Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init(init), name="fc1")(x)
         x = gelu(x)
-        return Dense(dim, dtype=self.dtype, kernel_init=dense_kernel_init, name="fc2")(x)
+        return Dense(dim, dtype=self.dtype, kernel_init=dense_init(init, self.layer_id),
+                     name="fc2")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -212,6 +218,8 @@ class EncoderBlock(nn.Module):
     drop_path: float
     layer_scale_init: float | None
     dtype: Any = jnp.float32
+    init_scheme: str = "mae"
+    layer_id: int = 1
 
     @nn.compact
     def __call__(
@@ -223,7 +231,8 @@ class EncoderBlock(nn.Module):
     ) -> jnp.ndarray:
         """``return_attention``: this block's attention weights ``[batch, heads, t, t]``."""
         y = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm1")(x)
-        attention = Attention(self.dim, self.num_heads, self.dtype, name="attn")
+        attention = Attention(self.dim, self.num_heads, self.dtype, self.init_scheme, self.layer_id,
+                              name="attn")
         if return_attention:
             return attention(y, attn_bias, return_weights=True)
         y = attention(y, attn_bias)
@@ -232,7 +241,8 @@ class EncoderBlock(nn.Module):
         x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic=not train)
 
         y = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="norm2")(x)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.init_scheme, self.layer_id,
+                name="mlp")(y)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls2")(y)
         return x + DropPath(self.drop_path, name="drop_path2")(y, deterministic=not train)
@@ -269,6 +279,7 @@ class ViT(nn.Module):
         active only with train=True, using the 'dropout' rng.
       layer_scale_init: initial LayerScale gamma; None for no LayerScale.
       dtype: compute dtype (parameters stay float32).
+      init_scheme: initial weights as in 'mae' (default), 'dino' or 'beit': models/vit_init.py.
     """
 
     patch_size: int
@@ -285,6 +296,7 @@ class ViT(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float | None = None
     dtype: Any = jnp.float32
+    init_scheme: str = "mae"
 
     @property
     def num_features(self) -> int:
@@ -319,19 +331,15 @@ class ViT(nn.Module):
         if self.pool_type not in POOL_KINDS:
             raise ValueError(f"ViT pool_type={self.pool_type!r} is unknown; use one of "
                              f"{POOL_KINDS}.")
+        check_init_scheme(self.init_scheme)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ViT drop_path_rate={self.drop_path_rate} must be in [0, 1).")
 
     def setup(self) -> None:
         self._check_config()
-        self.patch_embed = Conv(
-            self.dim,
-            (self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=patch_kernel_init,
-        )
+        patch = (self.patch_size, self.patch_size)
+        self.patch_embed = Conv(self.dim, patch, strides=patch, padding="VALID", dtype=self.dtype,
+                                kernel_init=patch_init(self.init_scheme))
         if self.use_cls_token:
             self.cls_token = self.param("cls_token", token_init, (1, 1, self.dim))
         if self.pos_embed == "learned":
@@ -344,15 +352,10 @@ class ViT(nn.Module):
                                                 self.num_prefix_tokens)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
         self.blocks = [
-            EncoderBlock(
-                dim=self.dim,
-                num_heads=self.num_heads,
-                mlp_ratio=self.mlp_ratio,
-                drop_path=float(rate),
-                layer_scale_init=self.layer_scale_init,
-                dtype=self.dtype,
-            )
-            for rate in rates
+            EncoderBlock(dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                         drop_path=float(rate), layer_scale_init=self.layer_scale_init,
+                         dtype=self.dtype, init_scheme=self.init_scheme, layer_id=layer + 1)
+            for layer, rate in enumerate(rates)
         ]
         self.norm = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype)
 
