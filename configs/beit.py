@@ -33,7 +33,7 @@ DATA = {  # depth 0: the named ViT's own; base_lr is per 256 examples (x B/256)
                    warmup_epochs=10.0, base_lr=1.5e-3),
 }
 VIT_OPTIONS = dict(pos_embed="none", rel_pos_bias=True, use_mask_token=True, layer_scale_init=0.1,
-                   drop_path_rate=0.1, pool_type="mean")
+                   drop_path_rate=0.1, pool_type="mean", init_scheme="beit")
 
 
 def get_config(arg=None):

@@ -29,10 +29,10 @@ DATA = {
 
 
 def _set_model(config, name, **vit_kwargs):
-    """ViT options (stochastic depth, depth) for ViTs; a ResNet gets the CIFAR stem on small
-    images instead."""
+    """ViT options (stochastic depth, depth) and DINO's initial weights for ViTs; a ResNet gets
+    the CIFAR stem on small images instead."""
     if name.startswith("vit"):
-        presets.set_model(config, name, **vit_kwargs)
+        presets.set_model(config, name, init_scheme="dino", **vit_kwargs)
     else:
         presets.set_model(config, name, cifar_stem=config.aug.view1.size <= 64)
 

@@ -164,14 +164,21 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("optim.freeze", (), "48be9e5 2026-11-23"),
     ("data.read_threads", 16, "7f7e570 2026-11-24"),
     ("model.dtype", "float32", "7155b76 2026-11-24"),  # encoders only: see _applies
+    ("model.init_scheme", "mae", "issue 19 2026-12-04"),  # ViTs only: see _applies
+    ("aug.view1.blur_kernel", "simclr", "issue 19 2026-12-04"),
+    ("aug.view2.blur_kernel", "simclr", "issue 19 2026-12-04"),
+    ("aug.local.blur_kernel", "simclr", "issue 19 2026-12-04"),
 )
 
 
 def _applies(path: str, parent: ml_collections.ConfigDict) -> bool:
     """``model.dtype`` belongs to the encoders (``resnet*``, ``vit_*``); the dVAE's model block is
-    its name only (its compute dtype is ``dvae.dtype``)."""
+    its name only (its compute dtype is ``dvae.dtype``). ``model.init_scheme`` is a ViT's."""
+    name = str(parent.get("name", ""))
     if path == "model.dtype":
-        return str(parent.get("name", "")).startswith(("resnet", "vit_"))
+        return name.startswith(("resnet", "vit_"))
+    if path == "model.init_scheme":  # a ViT's initial weights; every run before it was xavier
+        return name.startswith("vit_")
     return True
 
 

@@ -3,8 +3,10 @@
 ``config.optim`` holds::
 
     name            'lars' | 'adamw' | 'sgd'
-    base_lr         learning rate at a global batch of 256 (scaled by ``lr_scaling``)
-    lr_scaling      'linear' (lr = base_lr * B / 256), 'sqrt' (base_lr * sqrt(B / 256)) or 'none'
+    base_lr         the paper's base learning rate, scaled to the global batch B by ``lr_scaling``
+    lr_scaling      'linear' (lr = base_lr * B / 256, Goyal et al.; DINO, MAE, BEiT, SimCLR's
+                    default), 'sqrt' (base_lr * sqrt(B), SimCLR's square-root rule, whose base
+                    is 0.075 for LARS at any batch) or 'none' (lr = base_lr)
     warmup_epochs   linear warm-up from 0, then cosine decay to ``end_lr_factor * lr``
     end_lr_factor
     weight_decay    decoupled weight decay (LARS: added to the gradient before the trust ratio)
@@ -45,9 +47,11 @@ from ssl_jax.config import require
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
-    """``base_lr`` scaled to the global batch: linear (Goyal et al. 2017) or square-root."""
-    ratio = global_batch_size / 256
-    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}.get(cfg.lr_scaling)
+    """``base_lr`` scaled to the global batch as the papers write it: linear, base * B / 256
+    (Goyal et al. 2017), or SimCLR's square root, base * sqrt(B) (not of B / 256: SimCLR's
+    ``0.075 * sqrt(B)`` is typed as ``base_lr=0.075``)."""
+    batch = float(global_batch_size)
+    scale = {"linear": batch / 256, "sqrt": math.sqrt(batch), "none": 1.0}.get(cfg.lr_scaling)
     require(scale is not None, "optim.lr_scaling", "must be 'linear', 'sqrt' or 'none'")
     return cfg.base_lr * scale
 

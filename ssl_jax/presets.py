@@ -41,8 +41,10 @@ MODELS = {
 # parameters, optimizer state, norms' statistics, softmaxes and losses stay float32.
 MODEL_DEFAULTS = {
     "resnet": dict(width_multiplier=1.0, cifar_stem=False, dtype="float32"),
-    "vit": dict(pos_embed="learned", drop_path_rate=0.0, dtype="float32"),
+    "vit": dict(pos_embed="learned", drop_path_rate=0.0, dtype="float32", init_scheme="mae"),
 }
+# init_scheme: the paper whose initial weights a ViT recipe follows ('mae': xavier-uniform,
+# 'dino': normal(0.02), 'beit': DINO's then fix_init_weight); see ssl_jax/models/vit_init.py.
 
 
 def base_config(method: str, data: str) -> ml_collections.ConfigDict:
@@ -122,7 +124,8 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
         set_model(config, "resnet18", width_multiplier=0.125, cifar_stem=True)
     else:
         patch = 4 if config.aug.view1.size % 4 == 0 else 2
-        set_model(config, f"vit_ti{patch}", depth=2)
+        set_model(config, f"vit_ti{patch}", depth=2,
+                  init_scheme=config.model.get("init_scheme", "mae"))
     config.data.image_size = min(config.data.image_size, 32)
     for view in (config.aug.view1, config.aug.view2):
         view.size = min(view.size, 16)
@@ -187,8 +190,13 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 VIEW_REQUIRED_KEYS = tuple(
     "size crop_scale crop_ratio flip color_jitter color_jitter_p grayscale_p blur_p blur_sigma "
-    "solarize_p".split()
+    "blur_kernel solarize_p".split()
 )
+# The Gaussian blur's kernel, by the paper whose code the recipe follows:
+#   'simclr': SimCLR's (and BYOL's) odd kernel of 10% of the view's side, at least 3 taps;
+#   'pil':    PIL's ImageFilter.GaussianBlur (DINO, MoCo v2): no cap, the Gaussian's support
+#             out to 3 sigma_max (radius ceil(3 * blur_sigma[1]), below the view's side).
+BLUR_KERNELS = ("simclr", "pil")
 JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
 _PROBABILITY_KEYS = ("color_jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
@@ -198,7 +206,7 @@ def view_config(**overrides: Any) -> ml_collections.ConfigDict:
 
     Keys: `size`, `crop_scale`, `crop_ratio`, `flip`, `color_jitter` (strength s, 0 disables),
     `color_jitter_p`, `brightness`/`contrast`/`saturation`/`hue` (None: derived from s),
-    `grayscale_p`, `blur_p`, `blur_sigma`, `solarize_p`.
+    `grayscale_p`, `blur_p`, `blur_sigma`, `blur_kernel` (:data:`BLUR_KERNELS`), `solarize_p`.
     """
     cfg = ml_collections.ConfigDict(
         dict(
@@ -215,6 +223,7 @@ def view_config(**overrides: Any) -> ml_collections.ConfigDict:
             grayscale_p=0.2,
             blur_p=0.5,
             blur_sigma=(0.1, 2.0),
+            blur_kernel="simclr",
             solarize_p=0.0,
         )
     )
@@ -234,10 +243,11 @@ def view_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def dino_view(**overrides: Any) -> ml_collections.ConfigDict:
     """A DINO view config: :func:`view_config` with DINO's colour jitter (brightness 0.4,
-    contrast 0.4, saturation 0.2, hue 0.1, p=0.8), grayscale p=0.2 and flip; ``overrides`` set
-    size, crop scale, blur and solarize probabilities."""
+    contrast 0.4, saturation 0.2, hue 0.1, p=0.8), grayscale p=0.2, flip and PIL's uncapped
+    blur; ``overrides`` set size, crop scale, blur and solarize probabilities."""
     base = dict(color_jitter=1.0, color_jitter_p=0.8, brightness=0.4, contrast=0.4,
-                saturation=0.2, hue=0.1, grayscale_p=0.2, flip=True, solarize_p=0.0)
+                saturation=0.2, hue=0.1, grayscale_p=0.2, flip=True, solarize_p=0.0,
+                blur_kernel="pil")
     return view_config(**{**base, **overrides})
 
 
@@ -277,6 +287,9 @@ def validate_view_config(cfg: Any) -> None:
             fail(name, "must be a probability in [0, 1].")
     if not isinstance(cfg.flip, bool):
         fail("flip", "must be True or False.")
+    if cfg.blur_kernel not in BLUR_KERNELS:
+        fail("blur_kernel", f"must be one of {BLUR_KERNELS} (SimCLR's 10%-of-side kernel or "
+             "PIL's uncapped Gaussian, as DINO).")
     if not number("color_jitter") or cfg.color_jitter < 0:
         fail("color_jitter", "must be a strength >= 0 (0 disables colour jitter).")
     for name in JITTER_KEYS:

@@ -14,8 +14,8 @@ from ssl_jax import optim, presets
 def test_lr_scaling_and_warmup_cosine():
     cfg = presets.optim_config(base_lr=0.3, warmup_epochs=2.0, end_lr_factor=0.0)
     assert optim.peak_learning_rate(cfg, 4096) == pytest.approx(0.3 * 16)
-    cfg.lr_scaling = "sqrt"
-    assert optim.peak_learning_rate(cfg, 1024) == pytest.approx(0.6)
+    cfg.lr_scaling = "sqrt"  # SimCLR's rule: base * sqrt(B)
+    assert optim.peak_learning_rate(cfg, 1024) == pytest.approx(0.3 * 32)
     cfg.lr_scaling = "linear"
     sched = optim.learning_rate_schedule(cfg, 512, total_steps=100, steps_per_epoch=10)
     peak = 0.6

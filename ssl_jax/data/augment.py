@@ -260,12 +260,23 @@ def random_grayscale(key: Array, image: Array, p: float = 0.2) -> Array:
     return jnp.where(jax.random.bernoulli(key, p), gray, image)
 
 
-def blur_kernel_size(side: int) -> int:
-    """SimCLR's odd kernel of about 10% of the image side: `2 * ((side // 10) // 2) + 1`.
+def blur_kernel_size(side: int, rule: str = "simclr", sigma_max: float = 2.0) -> int:
+    """The odd blur kernel for a `side`-pixel view by `rule` (`presets.BLUR_KERNELS`):
 
-    At least 3 (so small images still blur), at most `2 * side - 1` (reflect padding limit).
+    - 'simclr': SimCLR's kernel of about 10% of the side, `2 * ((side // 10) // 2) + 1`, at
+      least 3 taps (so small images still blur);
+    - 'pil': PIL's GaussianBlur (DINO's), which has no cap: radius `ceil(3 * sigma_max)`, so
+      the largest sigma keeps its full support (13 taps for sigma 2).
+
+    Either way at most `2 * side - 1` (the reflect padding's limit).
     """
-    radius = min(max(1, (side // 10) // 2), side - 1)
+    if rule == "simclr":
+        radius = max(1, (side // 10) // 2)
+    elif rule == "pil":
+        radius = max(1, math.ceil(3.0 * sigma_max))
+    else:
+        raise ValueError(f"blur kernel rule={rule!r} is unknown; use 'simclr' or 'pil'.")
+    radius = min(radius, side - 1)
     return 2 * radius + 1
 
 
@@ -363,7 +374,8 @@ def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
     if cfg.grayscale_p > 0:
         x = random_grayscale(k_gray, x, cfg.grayscale_p)
     if cfg.blur_p > 0:
-        x = gaussian_blur(k_blur, x, cfg.blur_p, cfg.blur_sigma)
+        kernel = blur_kernel_size(cfg.size, cfg.blur_kernel, cfg.blur_sigma[1])
+        x = gaussian_blur(k_blur, x, cfg.blur_p, cfg.blur_sigma, kernel)
     if cfg.solarize_p > 0:
         x = solarize(k_solarize, x, cfg.solarize_p)
     return x

@@ -22,9 +22,11 @@ HEAD_INIT_STD = 2e-5
 class Classifier(nn.Module):
     """``encoder`` -> pooled features -> ``head`` (Dense): ``[batch, h, w, 3] -> [batch, C]``.
 
-    Pooling of a ViT: ``'gap'`` averages the patch tokens (after the encoder's final norm) and
-    normalises the mean with a LayerNorm ``fc_norm``, as MAE's fine-tuning (``global_pool``);
-    ``'cls'`` takes the cls token. A ResNet is always globally average-pooled (``'gap'``).
+    Pooling of a ViT: ``'gap'`` averages the patch tokens *before* the encoder's final norm
+    and normalises the mean with a LayerNorm ``fc_norm`` instead, as MAE's and BEiT's
+    fine-tuning do (``global_pool``/``use_mean_pooling``: ``del self.norm``; the encoder then
+    has no ``norm`` parameters, see :func:`without_unused`); ``'cls'`` takes the cls token
+    after the final norm. A ResNet is always globally average-pooled (``'gap'``).
     Parameters: ``{'encoder': ..., 'fc_norm': ... (ViT + gap), 'head': ...}``.
     """
 
@@ -37,7 +39,7 @@ class Classifier(nn.Module):
         check_pool(self.encoder, self.pool)
         batch = x.shape[0]
         if isinstance(self.encoder, ViT) and self.pool == "gap":
-            tokens = self.encoder(x, train, return_tokens=True)
+            tokens = self.encoder(x, train, return_tokens=True, final_norm=False)
             feats = jnp.mean(tokens[:, self.encoder.num_prefix_tokens:], axis=1)
             feats = nn.LayerNorm(epsilon=LN_EPSILON, name="fc_norm")(feats)
         else:
@@ -47,6 +49,17 @@ class Classifier(nn.Module):
             name="head")(feats.astype(jnp.float32))
         chex.assert_shape(logits, (batch, self.num_classes))
         return logits
+
+
+def without_unused(encoder: nn.Module, pool: str, encoder_vars: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """The pre-trained encoder variables the :class:`Classifier` uses: a ViT pooled by ``'gap'``
+    has no final norm (MAE's and BEiT's ``del self.norm``), so its ``norm`` parameters are
+    left out (the classifier's own init never creates them)."""
+    if not (isinstance(encoder, ViT) and pool == "gap"):
+        return encoder_vars
+    params = {k: v for k, v in encoder_vars["params"].items() if k != "norm"}
+    return {**encoder_vars, "params": params}
 
 
 def check_pool(encoder: nn.Module, pool: str) -> None:

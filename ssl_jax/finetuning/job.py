@@ -360,7 +360,8 @@ def _finetune(workdir, config_arg, overrides, preemption: faults.PreemptionWatch
             raise ckpt_lib.WorkdirError(
                 f"checkpoint {source} does not restore into the encoder of {run_json}: "
                 f"{type(e).__name__}: {str(e)[:300]}") from None
-        _check_restored(abstract, dict(encoder_vars), source)
+        encoder_vars = classifier_lib.without_unused(encoder, config.pool, dict(encoder_vars))
+        _check_restored(abstract, encoder_vars, source)
         logging.info("fine-tuning the %s encoder of %s", run.method, source)
     abstract = jax.eval_shape(init_state, init_rng, encoder_vars)
     shardings = parallel.tree_shardings(abstract, mesh, config.sharding_rules)

@@ -254,7 +254,7 @@ class ViT(nn.Module):
     `__call__(x [batch, height, width, channels], train)` -> `[batch, dim]` (float32): the cls
     token after the final LayerNorm, or the mean of the patch tokens when `use_cls_token` is
     False. With `return_tokens=True`: `[batch, num_prefix_tokens + num_patches, dim]`, all
-    tokens after the final LayerNorm. With `ids_keep [batch, n_keep]` (MAE's token dropping),
+    tokens after the final LayerNorm (before it with `final_norm=False`). With `ids_keep [batch, n_keep]` (MAE's token dropping),
     only those patches (after their position embeddings are added) enter the blocks, and
     `num_patches` above is `n_keep`. With `return_attention=True`: the last block's attention
     probabilities `[batch, num_heads, tokens, tokens]` (softmax(q k^T / sqrt(d)), float32), for
@@ -420,12 +420,12 @@ class ViT(nn.Module):
                 "rel_pos_bias).")
         return self.rel_pos()
 
-    def encode(self, tokens: jnp.ndarray, train: bool, bias: jnp.ndarray | None = None
-               ) -> jnp.ndarray:
+    def encode(self, tokens: jnp.ndarray, train: bool, bias: jnp.ndarray | None = None,
+               final_norm: bool = True) -> jnp.ndarray:
         """Transformer blocks then the final LayerNorm. `[batch, t, dim] -> [batch, t, dim]`."""
         for block in self.blocks:
             tokens = block(tokens, train, bias)
-        return self.norm(tokens)
+        return self.norm(tokens) if final_norm else tokens
 
     def pool(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """`[batch, t, dim] -> [batch, dim]`: the cls token, or the mean of the patch tokens."""
@@ -452,6 +452,7 @@ class ViT(nn.Module):
         return_attention: bool = False,
         ids_keep: jnp.ndarray | None = None,
         bool_masked_pos: jnp.ndarray | None = None,
+        final_norm: bool = True,
     ) -> jnp.ndarray:
         tokens, grid = self.embed(x)
         batch = x.shape[0]
@@ -476,7 +477,7 @@ class ViT(nn.Module):
             t = self.num_prefix_tokens + num_patches
             chex.assert_shape(weights, (batch, self.num_heads, t, t))
             return weights
-        tokens = self.encode(tokens, train, bias).astype(jnp.float32)
+        tokens = self.encode(tokens, train, bias, final_norm).astype(jnp.float32)
         if return_tokens:
             chex.assert_shape(tokens, (batch, self.num_prefix_tokens + num_patches, self.dim))
             return tokens
