@@ -11,7 +11,8 @@ the global crops' scale to 0.14-1, as DINO recommends), ``runlocal`` (a smoke te
 Overriding ``--config.aug.num_local_crops`` alone keeps the crop scales as they are.
 
 Recipes (the details and why: docs/recipes.md, "DINO"):
-- data=imagenet2012: the paper's ViT-S/16 recipe (batch 1024, 2x224 + 10x96 px crops, 100 epochs).
+- data=imagenet2012: the README's full ViT-S/16 command (batch 1024, 2x224 + 8x96 px crops, 300
+  epochs, teacher T 0.04 -> 0.07, norm_last_layer False); model=resnet50: its ResNet-50 command.
 - data=cifar10: a 6-block ViT-Ti/4 with 6 local crops, 200 epochs: a recipe for an accelerator.
 - data=digits: a narrow ResNet-18 on crops-only views, no local crops, ~5 min on 2 CPU cores.
 """
@@ -19,8 +20,8 @@ Recipes (the details and why: docs/recipes.md, "DINO"):
 from ssl_jax import presets
 
 DATA = {
-    "imagenet2012": dict(global_size=224, local_size=96, local_crops=10, model="vit_s16",
-                         batch_size=1024, num_epochs=100.0),
+    "imagenet2012": dict(global_size=224, local_size=96, local_crops=8, model="vit_s16",
+                         batch_size=1024, num_epochs=300.0),
     "cifar10": dict(global_size=32, local_size=16, local_crops=6, model="vit_ti4",
                     batch_size=256, num_epochs=200.0),
     "digits": dict(global_size=16, local_size=8, local_crops=0, model="resnet18",
@@ -69,9 +70,25 @@ def get_config(arg=None):
         grad_clip_kind="per_parameter", freeze=(("head/last_layer", 1.0),))
 
     model = arg.model or data["model"]
-    if arg.data == "imagenet2012":
+    if arg.data == "imagenet2012" and model.startswith("vit"):
+        # The README's full ViT-S/16 command (main_dino.py's defaults otherwise): --epochs 300
+        # --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --norm_last_layer false, 16 GPUs
+        # x 64 = batch 1024, 8 local crops.
         _set_model(config, model, drop_path_rate=0.1)
+        config.dino.norm_last_layer = False
         config.optim.end_lr_factor = 1e-6 / (0.0005 * config.batch_size / 256)
+    elif arg.data == "imagenet2012":
+        # The README's ResNet-50 command: 8 GPUs x 64 = batch 512, 100 epochs, SGD LR 0.03
+        # (x B/256), weight decay 1e-4 throughout, crops 0.14-1 and 0.05-0.14, teacher T 0.04.
+        _set_model(config, model)
+        config.batch_size, config.num_epochs = 512, 100.0
+        for view in (config.aug.view1, config.aug.view2):
+            view.crop_scale = (0.14, 1.0)
+        config.aug.local.crop_scale = (0.05, 0.14)
+        config.dino.update(warmup_teacher_temp=0.04, teacher_temp=0.04,
+                           warmup_teacher_temp_epochs=0.0)
+        config.optim.update(name="sgd", base_lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
+                            momentum=0.9, end_lr_factor=1e-6 / (0.03 * 512 / 256))
     elif arg.data == "cifar10":  # CPU-sized depth, as MAE's CIFAR-10 preset (model=vit_ti4: 12)
         vit_kw = {} if arg.model else {"depth": 6}
         _set_model(config, model, drop_path_rate=0.1, **vit_kw)

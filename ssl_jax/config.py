@@ -168,6 +168,14 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("aug.view1.blur_kernel", "simclr", "issue 19 2026-12-04"),
     ("aug.view2.blur_kernel", "simclr", "issue 19 2026-12-04"),
     ("aug.local.blur_kernel", "simclr", "issue 19 2026-12-04"),
+    ("data.train_region", "square", "issue 19 2026-12-04"),
+    ("data.max_aspect", 4 / 3, "issue 19 2026-12-04"),
+    ("eval.protocol", "fast", "issue 19 2026-12-04"),
+    ("eval.protocol_epochs", 0, "issue 19 2026-12-04"),
+    ("eval.protocol_batch_size", 0, "issue 19 2026-12-04"),
+    ("eval.protocol_base_lr", 0.0, "issue 19 2026-12-04"),
+    ("eval.n_last_blocks", 0, "issue 19 2026-12-04"),
+    ("eval.avgpool_patchtokens", False, "issue 19 2026-12-04"),
 )
 
 

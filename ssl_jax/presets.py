@@ -69,6 +69,7 @@ def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     config.optim = optim_config()
     config.eval = eval_config()
     if data == "imagenet2012":  # the run cadence of a large dataset, whatever the method
+        config.data.train_region = "whole"  # crops from the whole image, as torchvision's
         config.log_every = 100
         config.checkpoint.update(every_steps=2500, keep_every=25000)
         config.eval.batch_size = 1024
@@ -92,6 +93,12 @@ def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
             max_test_examples=0,
             random_init_baseline=True,
             attention_images=4,  # ViT encoders: cls attention maps of this many test images
+            protocol="fast",  # 'fast' | 'dino' | 'mae': see ssl_jax/evaluate/protocols.py
+            protocol_epochs=0,  # > 0 replaces the protocol's epochs (dino 100, mae 90)
+            protocol_batch_size=0,  # > 0 replaces its batch (dino 1024, mae 16384)
+            protocol_base_lr=0.0,  # > 0 replaces its base LR (x B/256; dino 1e-3, mae 0.1)
+            n_last_blocks=0,  # > 0 replaces the ViT blocks whose cls tokens are concatenated
+            avgpool_patchtokens=False,  # 'dino': also the last block's mean patch token
         )
     )
     cfg.update(overrides)
@@ -165,7 +172,12 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     data_dir (TFDS data dir, '' for the default), image_size (side of the square uint8
     images the pipeline emits), train_split, test_split, num_workers (Grain worker
     processes, 0 = in-process), prefetch (batches buffered per worker), read_threads (Grain's
-    reading threads per process or worker: many for remote storage, few on a small CPU host).
+    reading threads per process or worker: many for remote storage, few on a small CPU host),
+    train_region ('square': training images are the centre square, as evaluation's; 'whole':
+    the whole image, its shorter side at image_size, on a padded canvas with its size in the
+    batch's 'image_hw' field, so that random crops sample all of it as torchvision's do),
+    max_aspect (with 'whole': the longer side kept is at most this times the shorter; the
+    canvas side is ceil(image_size * max_aspect)).
     """
     cfg = ml_collections.ConfigDict(
         {
@@ -179,6 +191,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
             "num_workers": 0,
             "prefetch": 2,
             "read_threads": 16,
+            "train_region": "square",
+            "max_aspect": 4 / 3,
         }
     )
     for key, value in overrides.items():
@@ -190,8 +204,10 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 VIEW_REQUIRED_KEYS = tuple(
     "size crop_scale crop_ratio flip color_jitter color_jitter_p grayscale_p blur_p blur_sigma "
-    "blur_kernel solarize_p".split()
+    "solarize_p".split()
 )
+# Optional keys: a view saved before they existed means their old behaviour.
+VIEW_OPTIONAL_KEYS = {"blur_kernel": "simclr"}
 # The Gaussian blur's kernel, by the paper whose code the recipe follows:
 #   'simclr': SimCLR's (and BYOL's) odd kernel of 10% of the view's side, at least 3 taps;
 #   'pil':    PIL's ImageFilter.GaussianBlur (DINO, MoCo v2): no cap, the Gaussian's support
@@ -261,7 +277,7 @@ def check_range(name: str, value: Any, high: float = math.inf) -> None:
 def validate_view_config(cfg: Any) -> None:
     """Raises ValueError naming the key of `cfg` that is unknown, missing or out of range."""
     keys = list(cfg.keys()) if hasattr(cfg, "keys") else list(vars(cfg))
-    known = set(VIEW_REQUIRED_KEYS) | set(JITTER_KEYS)
+    known = set(VIEW_REQUIRED_KEYS) | set(JITTER_KEYS) | set(VIEW_OPTIONAL_KEYS)
     unknown = sorted(set(keys) - known)
     if unknown:
         raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(known)}.")
@@ -287,7 +303,7 @@ def validate_view_config(cfg: Any) -> None:
             fail(name, "must be a probability in [0, 1].")
     if not isinstance(cfg.flip, bool):
         fail("flip", "must be True or False.")
-    if cfg.blur_kernel not in BLUR_KERNELS:
+    if getattr(cfg, "blur_kernel", "simclr") not in BLUR_KERNELS:
         fail("blur_kernel", f"must be one of {BLUR_KERNELS} (SimCLR's 10%-of-side kernel or "
              "PIL's uncapped Gaussian, as DINO).")
     if not number("color_jitter") or cfg.color_jitter < 0:

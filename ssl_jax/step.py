@@ -60,10 +60,10 @@ class StateSetup(NamedTuple):
 
 
 def example_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch of zeros with the fields the data source declares (``sources.source_fields``:
+    """A batch of zeros with the fields of the training data (``sources.train_fields``:
     e.g. ``image`` uint8 ``[n, S, S, 3]``, ``label`` int32 ``[n]``), one example per device
     (``n = mesh.size``), for init."""
-    fields = sources.source_fields(config.data)
+    fields = sources.train_fields(config.data)
     return {name: jnp.zeros((mesh.size, *field.shape), field.dtype)
             for name, field in fields.items()}
 

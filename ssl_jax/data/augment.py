@@ -53,8 +53,8 @@ def _never(p: Any) -> bool:
 
 def crop_box(
     key: Array,
-    height: int,
-    width: int,
+    height: int | Array,
+    width: int | Array,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
 ) -> Array:
@@ -64,7 +64,8 @@ def crop_box(
     `r = exp(U(log ratio))`, giving `w = round(sqrt(a H W r))`, `h = round(sqrt(a H W / r))`; the
     first candidate that fits is placed uniformly at random. When none fits, the central crop of
     the whole image clipped to the ratio range is used. All candidates are drawn at once so the
-    box is a traced value and the function jits and vmaps.
+    box is a traced value and the function jits and vmaps; `height` and `width` may be traced
+    too (the size of an image's content within a padded canvas, `data.train_region='whole'`).
 
     Returns:
       int32 `[4]`: `(top, left, crop_height, crop_width)` in pixels.
@@ -84,13 +85,11 @@ def crop_box(
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = jnp.argmax(fits)
 
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fallback_w, fallback_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fallback_w, fallback_h = int(round(height * max(ratio))), height
-    else:
-        fallback_w, fallback_h = width, height
+    height_f, width_f = jnp.asarray(height, jnp.float32), jnp.asarray(width, jnp.float32)
+    in_ratio = width_f / height_f
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fallback_w = jnp.where(wide, jnp.round(height_f * max(ratio)), width_f).astype(jnp.int32)
+    fallback_h = jnp.where(narrow, jnp.round(width_f / min(ratio)), height_f).astype(jnp.int32)
 
     found = jnp.any(fits)
     crop_h = jnp.where(found, h[first], fallback_h)
@@ -126,12 +125,16 @@ def resized_crop(image: Array, box: Array, size: int) -> Array:
 
 
 def random_resized_crop(key: Array, image: Array, size: int, scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Array:
-    """Random crop of `image` `[height, width, 3]` resized to `[size, size, 3]` (see `crop_box`)."""
+                        ratio: Sequence[float] = (3 / 4, 4 / 3), image_hw: Array | None = None
+                        ) -> Array:
+    """Random crop of `image` `[height, width, 3]` resized to `[size, size, 3]` (see `crop_box`).
+    `image_hw`: int `[2]`, the content's size at the top left of a padded `image`; the crop is
+    drawn within it. None: the whole `image`."""
     _check_image(image)
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"size={size!r} must be a positive int (the output side in pixels).")
-    box = crop_box(key, image.shape[0], image.shape[1], scale, ratio)
+    height, width = image.shape[:2] if image_hw is None else (image_hw[0], image_hw[1])
+    box = crop_box(key, height, width, scale, ratio)
     return resized_crop(image, box, size)
 
 
@@ -362,9 +365,9 @@ def jitter_values(cfg: Any) -> tuple[float, float, float, float]:
     return jitter_strengths(cfg.color_jitter, *(getattr(cfg, k, None) for k in JITTER_KEYS))
 
 
-def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
+def _augment_example(key: Array, image: Array, image_hw: Array | None, cfg: Any) -> Array:
     k_crop, k_flip, k_jitter, k_gray, k_blur, k_solarize = jax.random.split(key, 6)
-    x = random_resized_crop(k_crop, image, cfg.size, cfg.crop_scale, cfg.crop_ratio)
+    x = random_resized_crop(k_crop, image, cfg.size, cfg.crop_scale, cfg.crop_ratio, image_hw)
     if cfg.flip:
         x = random_flip(k_flip, x)
     if cfg.color_jitter > 0 and cfg.color_jitter_p > 0:
@@ -374,7 +377,8 @@ def _augment_example(key: Array, image: Array, cfg: Any) -> Array:
     if cfg.grayscale_p > 0:
         x = random_grayscale(k_gray, x, cfg.grayscale_p)
     if cfg.blur_p > 0:
-        kernel = blur_kernel_size(cfg.size, cfg.blur_kernel, cfg.blur_sigma[1])
+        kernel = blur_kernel_size(cfg.size, getattr(cfg, "blur_kernel", "simclr"),
+                                  cfg.blur_sigma[1])
         x = gaussian_blur(k_blur, x, cfg.blur_p, cfg.blur_sigma, kernel)
     if cfg.solarize_p > 0:
         x = solarize(k_solarize, x, cfg.solarize_p)
@@ -392,13 +396,16 @@ def to_float_image(images: Array) -> Array:
     return images.astype(jnp.float32)
 
 
-def augment_view(key: Array, images: Array, cfg: Any) -> Array:
+def augment_view(key: Array, images: Array, cfg: Any, image_hw: Array | None = None) -> Array:
     """One augmented view of a batch: crop, flip, colour jitter, grayscale, blur, solarize.
 
     Args:
       key: PRNG key; example `i` uses `jax.random.split(key, batch)[i]`.
       images: uint8 or float in [0, 1], `[batch, height, width, 3]`.
       cfg: a `presets.view_config()` (static: close over it or use functools.partial under jit).
+      image_hw: int `[batch, 2]`: each image's content size at the top left of its padded
+        canvas (the batch's ``image_hw`` field, ``data.train_region='whole'``); crops are
+        drawn within it. None: the whole array is the image.
 
     Returns:
       float32 `[batch, size, size, 3]` in [0, 1].
@@ -408,6 +415,8 @@ def augment_view(key: Array, images: Array, cfg: Any) -> Array:
     chex.assert_axis_dimension(images, -1, 3)
     images = to_float_image(images)
     keys = jax.random.split(key, images.shape[0])
-    out = jax.vmap(functools.partial(_augment_example, cfg=cfg))(keys, images)
+    if image_hw is not None:
+        chex.assert_shape(image_hw, (images.shape[0], 2))
+    out = jax.vmap(functools.partial(_augment_example, cfg=cfg))(keys, images, image_hw)
     chex.assert_shape(out, (images.shape[0], cfg.size, cfg.size, 3))
     return out

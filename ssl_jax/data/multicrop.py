@@ -35,6 +35,7 @@ def multi_crop(
     local_view: Any | None = None,
     num_local: int = 0,
     normalize: bool = True,
+    image_hw: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """``num_global`` global and ``num_local`` local crops of every image.
 
@@ -47,6 +48,8 @@ def multi_crop(
       local_view: view config of the local crops (needed when ``num_local`` > 0).
       num_local: number of local crops (>= 0).
       normalize: apply ``augment.normalize`` (ImageNet mean and std).
+      image_hw: int ``[batch, 2]``, the images' content within a padded canvas (the batch's
+        ``image_hw`` field); None: the whole arrays.
 
     Returns:
       ``(globals [batch, num_global, Sg, Sg, 3], locals [batch, num_local, Sl, Sl, 3] or None)``
@@ -64,15 +67,16 @@ def multi_crop(
     k_global, k_local = jax.random.split(key)
     finish = augment.normalize if normalize else (lambda x: x)
     keys = jax.random.split(k_global, num_global)
-    crops = [augment.augment_view(keys[i], images, global_view_config(i, global_views))
-             for i in range(num_global)]
+    crops = [augment.augment_view(keys[i], images, global_view_config(i, global_views),
+                                  image_hw) for i in range(num_global)]
     globals_ = finish(jnp.stack(crops, axis=1))
     size = global_views[0].size
     chex.assert_shape(globals_, (batch, num_global, size, size, 3))
     if not num_local:
         return globals_, None
     local_keys = jax.random.split(k_local, num_local)
-    locals_ = jax.vmap(lambda k: augment.augment_view(k, images, local_view))(local_keys)
+    locals_ = jax.vmap(lambda k: augment.augment_view(k, images, local_view, image_hw))(
+        local_keys)
     locals_ = finish(jnp.swapaxes(locals_, 0, 1))
     chex.assert_shape(locals_, (batch, num_local, local_view.size, local_view.size, 3))
     return globals_, locals_

@@ -4,7 +4,11 @@ The host only decodes and resizes; augmentation runs on the accelerator
 (`ssl_jax.data.augment`). Every image leaves as uint8 RGB `[image_size, image_size, 3]`:
 the shorter side is resized to `image_size` with Pillow's bicubic filter (antialiased when
 shrinking), then the centre square is cropped; one `Image.resize(..., box=square)` call does
-both, and pixels just outside the square still feed the filter at its edges. Grayscale and
+both, and pixels just outside the square still feed the filter at its edges. With
+`data.train_region='whole'` the training images instead keep their aspect (shorter side at
+`image_size`, the longer up to `max_aspect` times it) on an edge-padded square canvas, with the
+content's size in the `image_hw` field (`sources.train_fields`); evaluation always gets the
+centre square. Grayscale and
 palette images become 3 equal channels, alpha is dropped, CMYK is converted, 16-bit grayscale
 keeps its top 8 bits, the 8x8 digits are upscaled: any size and mode is read, none is an error.
 JPEGs larger than needed are decoded at a reduced DCT scale (`Image.draft`) that keeps both
@@ -91,21 +95,46 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
+def _whole_resize(image: Image.Image, size: int, canvas: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shorter side resized to `size`, the longer to at most `canvas` (its centre part beyond
+    that), at the top left of a `[canvas, canvas, 3]` image whose other pixels repeat the
+    edge; returns it and the content's `(height, width)`."""
+    width, height = image.size
+    scale = size / min(width, height)
+    out_w, out_h = min(round(width * scale), canvas), min(round(height * scale), canvas)
+    src_w, src_h = out_w / scale, out_h / scale  # the part of the original kept
+    left, top = (width - src_w) / 2, (height - src_h) / 2
+    resized = np.asarray(image.resize((out_w, out_h), Image.Resampling.BICUBIC,
+                                      box=(left, top, left + src_w, top + src_h)), np.uint8)
+    padded = np.pad(resized, ((0, canvas - out_h), (0, canvas - out_w), (0, 0)), mode="edge")
+    return padded, np.asarray([out_h, out_w], np.int32)
+
+
+def decode_image(image: np.ndarray | bytes, size: int, canvas: int = 0
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Decodes and resizes one image (see the module docstring).
 
     Args:
       image: encoded bytes (JPEG, PNG, anything Pillow reads) or uint8 `[h, w]` / `[h, w, c]`
         with c in {1, 3, 4}.
-      size: side of the output.
+      size: side of the output, or with `canvas` the shorter side of the whole image.
+      canvas: 0 for the centre square; else the whole image on a `[canvas, canvas, 3]` canvas
+        (`data.train_region='whole'`, `sources.canvas_size`).
 
     Returns:
-      uint8 `[size, size, 3]`.
+      uint8 `[size, size, 3]`; with `canvas`: uint8 `[canvas, canvas, 3]` and the content's
+      int32 `(height, width)` at its top left.
 
     Raises:
       UndecodableImageError: the bytes are not an image Pillow can decode.
       DataError: an array that is not uint8 `[h, w]` or `[h, w, 1|3|4]`.
     """
+    rgb = _decode_rgb(image, size)
+    return _whole_resize(rgb, size, canvas) if canvas else _square_resize(rgb, size)
+
+
+def _decode_rgb(image: np.ndarray | bytes, size: int) -> Image.Image:
+    """Encoded bytes or a uint8 array as an RGB Pillow image (JPEGs drafted near `size`)."""
     if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
         try:
             with Image.open(io.BytesIO(image)) as encoded:
@@ -115,7 +144,7 @@ def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
             raise UndecodableImageError("not in an image format that Pillow knows") from e
         except Exception as e:  # Pillow raises many types for broken files.
             raise UndecodableImageError(f"{type(e).__name__}: {e}") from e
-        return _square_resize(rgb, size)
+        return rgb
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -123,7 +152,7 @@ def decode_image(image: np.ndarray | bytes, size: int) -> np.ndarray:
             array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise DataError(f"an image array must be uint8 [h, w] or [h, w, 1|3|4], got "
                         f"{array.dtype} {list(array.shape)}.")
-    return _square_resize(Image.fromarray(array).convert("RGB"), size)
+    return Image.fromarray(array).convert("RGB")
 
 
 class DecodedSource:
@@ -138,11 +167,13 @@ class DecodedSource:
     """
 
     def __init__(self, source: Any, fields: dict[str, Field] | int, unlabelled_ok: bool = False,
-                 with_mask: bool = False):
+                 with_mask: bool = False, image_size: int = 0):
         self._source = source
         self._fields = dict(sources.image_label_fields(fields) if isinstance(fields, int)
                             else fields)
-        self._size = self._fields["image"].shape[0]
+        # 'image_hw' declared: the whole image on a canvas (sources.train_fields)
+        self._canvas = self._fields["image"].shape[0] if "image_hw" in self._fields else 0
+        self._size = image_size or self._fields["image"].shape[0]
         self._unlabelled_ok = unlabelled_ok  # label -1 passes (pre-training reads no labels)
         self._with_mask = with_mask
         self.num_classes = source.num_classes
@@ -155,7 +186,8 @@ class DecodedSource:
         return len(self._source)
 
     def __repr__(self) -> str:  # that of the DataLoader era, so that its states still restore
-        return f"DecodedSource({self._source!r}, image_size={self._size})"
+        whole = f", canvas={self._canvas}" if self._canvas else ""
+        return f"DecodedSource({self._source!r}, image_size={self._size}{whole})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
@@ -167,7 +199,7 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self._source[index]
         try:
-            image = decode_image(record["image"], self._size)
+            decoded = decode_image(record["image"], self._size, self._canvas)
         except UndecodableImageError as e:
             self._count_undecodable(record["id"], e)
             if not self._with_mask:
@@ -175,9 +207,10 @@ class DecodedSource:
             return {**empty_batch(self._fields, None), "mask": np.False_}
         with self._lock:
             self._read += 1
-        out = {"image": image}
+        out = ({"image": decoded[0], "image_hw": decoded[1]} if self._canvas
+               else {"image": decoded})
         for name, field in self._fields.items():
-            if name != "image":
+            if name not in out:
                 out[name] = np.asarray(record[name], dtype=field.dtype)
                 if out[name].shape != tuple(field.shape):
                     raise DataError(f"record {record['id']}: field {name!r} has shape "
@@ -346,13 +379,15 @@ def train_loader(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
     local_batch = _local_batch_size(global_batch_size, process_count, "global_batch_size")
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DataError(f"the data seed must be an integer in [0, 2**32), got {seed!r}.")
-    fields = sources.source_fields(data_cfg)
+    fields = sources.train_fields(data_cfg)
     unlabelled_ok = source is None
     source = source if source is not None else make_source(data_cfg, data_cfg.train_split)
     if global_batch_size > len(source):
         raise DataError(f"global_batch_size={global_batch_size} exceeds the {len(source)} "
                         f"examples of split {data_cfg.train_split!r}: use a smaller batch size.")
-    return _TrainDataset(DecodedSource(source, fields, unlabelled_ok=unlabelled_ok),
+    decoded = DecodedSource(source, fields, unlabelled_ok=unlabelled_ok,
+                            image_size=data_cfg.image_size)
+    return _TrainDataset(decoded,
                          _StreamKeys(len(source), int(seed), local_batch, process_index,
                                      process_count),
                          local_batch, data_cfg)

@@ -34,6 +34,8 @@ The data dir is `data_cfg.data_dir`, else `$TFDS_DATA_DIR`, else
 
 from __future__ import annotations
 
+import math
+
 import functools
 import glob
 import os
@@ -281,12 +283,47 @@ def _wrap_tfds(builder: Any, name: str, split: str) -> TfdsSource:
 
 def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     """The pipeline's numbers: a positive image size, workers >= 0, prefetch and read threads
-    >= 1."""
+    >= 1; a known training region and a maximal aspect ratio >= 1."""
     for key, low in (("image_size", 1), ("num_workers", 0), ("prefetch", 1), ("read_threads", 1)):
         value = data_cfg.get(key, low)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise DataError(f"config.data.{key}={value!r} must be an integer >= {low}: fix "
                             f"--config.data.{key}.")
+    region = data_cfg.get("train_region", "square")
+    if region not in TRAIN_REGIONS:
+        raise DataError(f"config.data.train_region={region!r} is unknown: use one of "
+                        f"{TRAIN_REGIONS} ('whole' lets the crops see the whole image).")
+    aspect = data_cfg.get("max_aspect", 4 / 3)
+    if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 1 <= aspect <= 4:
+        raise DataError(f"config.data.max_aspect={aspect!r} must be a number in [1, 4] (the "
+                        "longest side kept, over the shorter): fix --config.data.max_aspect.")
+
+
+# Training images: 'square' (the shorter side resized to image_size, then the centre square) or
+# 'whole' (the shorter side resized to image_size, the longer kept up to max_aspect times it,
+# top-left on a square canvas padded by its edge pixels, the content's size in 'image_hw'): the
+# device's random crops then sample the whole image as torchvision's RandomResizedCrop does.
+TRAIN_REGIONS = ("square", "whole")
+
+
+def canvas_size(data_cfg: ml_collections.ConfigDict) -> int:
+    """Side of the training images: ``image_size``, or with ``train_region='whole'`` the
+    square that holds the longest side kept, ``ceil(image_size * max_aspect)``."""
+    if data_cfg.get("train_region", "square") == "square":
+        return int(data_cfg.image_size)
+    return int(math.ceil(data_cfg.image_size * data_cfg.get("max_aspect", 4 / 3) - 1e-9))
+
+
+def train_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
+    """The fields of the *training* examples: :func:`source_fields`, with
+    ``train_region='whole'`` the image on its canvas (:func:`canvas_size`) and ``image_hw``,
+    int32 ``[2]``, the height and width of the image within it (at the top left)."""
+    fields = source_fields(data_cfg)
+    if data_cfg.get("train_region", "square") == "whole":
+        side = canvas_size(data_cfg)
+        fields["image"] = Field((side, side, 3), "uint8")
+        fields["image_hw"] = Field((2,), "int32")
+    return fields
 
 
 def resolve_source(data_cfg: ml_collections.ConfigDict) -> str:

@@ -37,6 +37,7 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import NORMALIZE_MODES, linear_probe
 from ssl_jax.evaluate.pictures import write_attention_pictures, write_method_pictures
+from ssl_jax.evaluate.protocols import PROTOCOLS, train_protocol_probe
 from ssl_jax.evaluate.tokenizer import evaluate_tokenizer
 from ssl_jax.models.vit import ViT
 from ssl_jax.step import build_state
@@ -66,7 +67,10 @@ def evaluate_encoder(method, variables, config, mesh, seed: int) -> dict[str, An
         label_fraction=ev.label_fraction)
     knn = knn_top1(train_x, train_y, test_x, test_y, num_classes, k=ev.knn_k,
                    temperature=ev.knn_temperature)
+    protocol = (train_protocol_probe(method, variables, config, mesh)
+                if ev.get("protocol", "fast") != "fast" else None)
     return {
+        **({"protocol": protocol} if protocol else {}),
         "linear_top1": probe["test_top1"],
         "linear_val_top1": probe["val_top1"],
         "linear_best_lr": probe["best_learning_rate"],
@@ -93,8 +97,11 @@ def check_eval_config(config: ml_collections.ConfigDict, mesh: Any) -> None:
     require(ev.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
     require(0.0 <= ev.probe_val_fraction < 1.0, "eval.probe_val_fraction", "must lie in [0, 1)")
     require(0.0 < ev.label_fraction <= 1.0, "eval.label_fraction", "must lie in (0, 1]")
-    for key in ("max_train_examples", "max_test_examples", "attention_images"):
-        require(ev.get(key, 0) >= 0, f"eval.{key}", "must be >= 0 (0: none or all)")
+    for key in ("max_train_examples", "max_test_examples", "attention_images", "protocol_epochs",
+                "protocol_batch_size", "protocol_base_lr", "n_last_blocks"):
+        require(ev.get(key, 0) >= 0, f"eval.{key}", "must be >= 0 (0: none, all or the default)")
+    require(ev.get("protocol", "fast") in PROTOCOLS, "eval.protocol",
+            f"must be one of {', '.join(PROTOCOLS)} (ssl_jax/evaluate/protocols.py)")
 
 
 def _state_shapes(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
@@ -184,16 +191,20 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = [("encoder", "linear top-1", "kNN top-1")]
+    protocol = results["ssl"].get("protocol", {}).get("protocol")
+    rows = [("encoder", "linear top-1", "kNN top-1") + ((f"{protocol} protocol",) if protocol
+                                                         else ())]
     for key, label in (("ssl", f"{results['method']} step {results['step']}"),
                        ("random_init", "random init")):
         if key in results:
             r = results[key]
-            rows.append((label, f"{100 * r['linear_top1']:.2f}%", f"{100 * r['knn_top1']:.2f}%"))
+            rows.append((label, f"{100 * r['linear_top1']:.2f}%", f"{100 * r['knn_top1']:.2f}%")
+                        + ((f"{100 * r['protocol']['top1']:.2f}%",) if protocol else ()))
     width = max(len(r[0]) for r in rows)
     lines = [f"{results['model']} on {results['data']} "
              f"(train {results['ssl']['num_train']}, test {results['ssl']['num_test']})"]
-    lines += [f"  {a:<{width}}  {b:>12}  {c:>10}" for a, b, c in rows]
+    lines += ["  " + f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>10}"
+              + (f"  {r[3]:>14}" if len(r) > 3 else "") for r in rows]
     if "tokenizer" in results:
         t = results["tokenizer"]
         lines.append(f"  tokenizer: hard-code reconstruction MSE {t['hard_recon_mse']:.4f}, "

@@ -431,7 +431,8 @@ def _finetune(workdir, config_arg, overrides, preemption: faults.PreemptionWatch
 
 
 def _images_and_labels(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"image": batch["image"], "label": batch["label"]}
+    keep = ("image", "label", "image_hw")  # image_hw: data.train_region='whole'
+    return {name: batch[name] for name in keep if name in batch}
 
 
 # --- Results --------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def make_train_step(model, tx, schedule, base_rng, view, config, num_classes: in
     def train_step(state, batch):
         rng = jax.random.fold_in(base_rng, state["step"])
         k_aug, k_mix, k_drop = jax.random.split(rng, 3)
-        x = augment.normalize(augment.augment_view(k_aug, batch["image"], view))
+        x = augment.normalize(augment.augment_view(k_aug, batch["image"], view,
+                                                   batch.get("image_hw")))
         x, targets = mixup.mix_batch(k_mix, x, batch["label"], num_classes, smoothing=smoothing,
                                      **mix)
         x = encoder_input(x)

@@ -37,9 +37,12 @@ class Method(Protocol):
     def init(self, rng: jax.Array, batch: Batch) -> tuple[Params, Extra]:
         """Trainable parameters and the method's other state, from an example batch."""
 
-    def augment(self, rng: jax.Array, images: jax.Array) -> Any:
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> Any:
         """The on-device augmentation of a uint8 ``[batch, h, w, 3]`` batch: the normalised
-        view(s) that :meth:`loss` feeds its networks (benchmarks time it alone)."""
+        view(s) that :meth:`loss` feeds its networks (benchmarks time it alone). ``image_hw``:
+        the batch's ``image_hw`` field when the data has one (``data.train_region='whole'``:
+        crops are drawn within each image's content), else None."""
 
     def loss(
         self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array

@@ -46,19 +46,21 @@ from ssl_jax.models.vit import ViT
 head_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
-def paired_views(key: jax.Array, images: jax.Array, view: Any, tokenizer_size: int
-                 ) -> tuple[jax.Array, jax.Array]:
-    """The same random crop (same flip, same colour jitter) at two sizes.
+def paired_views(key: jax.Array, images: jax.Array, view: Any, tokenizer_size: int,
+                 image_hw: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The same random crop (same flip, same colour jitter) at two sizes, drawn within
+    ``image_hw`` (``[batch, 2]``, the content of padded canvases) when given.
 
     ``images [batch, h, w, 3]`` uint8 or [0, 1] -> ``([batch, view.size, view.size, 3],
     [batch, tokenizer_size, tokenizer_size, 3])`` float32 in [0, 1]."""
     x = augment.to_float_image(images)
-    height, width = x.shape[1:3]
+    if image_hw is None:
+        image_hw = jnp.broadcast_to(jnp.asarray(x.shape[1:3], jnp.int32), (x.shape[0], 2))
     brightness, contrast, saturation, hue = augment.jitter_values(view)
 
-    def one(k, image):
+    def one(k, image, hw):
         k_crop, k_flip, k_jitter = jax.random.split(k, 3)
-        box = augment.crop_box(k_crop, height, width, view.crop_scale, view.crop_ratio)
+        box = augment.crop_box(k_crop, hw[0], hw[1], view.crop_scale, view.crop_ratio)
         pair = []
         for size in (view.size, tokenizer_size):
             y = augment.resized_crop(image, box, size)
@@ -71,7 +73,7 @@ def paired_views(key: jax.Array, images: jax.Array, view: Any, tokenizer_size: i
             pair.append(y)
         return tuple(pair)
 
-    return jax.vmap(one)(jax.random.split(key, x.shape[0]), x)
+    return jax.vmap(one)(jax.random.split(key, x.shape[0]), x, image_hw)
 
 
 def masked_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -170,15 +172,17 @@ class BEiT(MethodBase):
         return ({"encoder": enc["params"], "head": head["params"]},
                 {"tokenizer": self.tokenizer_params})
 
-    def augment(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
         """uint8 images -> normalised ``(view for the ViT, the same crop for the tokenizer)``."""
-        view, tok_view = paired_views(rng, images, self.view, self.tokenizer.image_size)
+        view, tok_view = paired_views(rng, images, self.view, self.tokenizer.image_size,
+                                      image_hw)
         return augment.normalize(view), augment.normalize(tok_view)
 
     def loss(self, params, extra, batch, rng, step):
         del step
         k_aug, k_mask, k_drop = jax.random.split(rng, 3)
-        images, tok_images = self.augment(k_aug, batch["image"])
+        images, tok_images = self.augment(k_aug, batch["image"], batch.get("image_hw"))
         mask = self.masks(k_mask, images.shape[0])
         targets = self.targets(extra, tok_images)
         logits = self.predict(params, images, mask, True, k_drop)

@@ -220,11 +220,12 @@ class DINO(MethodBase):
         return cosine_momentum(step, self.cfg.momentum_teacher, max(self.total_steps, 1))
 
     # --- Networks --------------------------------------------------------------------------------
-    def augment(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array | None]:
         """``[batch, h, w, 3]`` uint8 -> normalised ``([batch, G, Sg, Sg, 3], [batch, L, Sl, Sl,
         3] or None)``."""
         return multicrop.multi_crop(rng, images, self.global_views, self.num_global,
-                                    self.local_view, self.num_local)
+                                    self.local_view, self.num_local, image_hw=image_hw)
 
     def _network(self, encoder, params, state, crops, forward):
         """``crops [batch, V, s, s, 3] -> ([batch, V, K], updated BatchNorm state)`` through
@@ -272,7 +273,7 @@ class DINO(MethodBase):
     def loss(self, params, extra, batch, rng, step):
         cfg = self.cfg
         k_aug, k_global, k_local = jax.random.split(rng, 3)
-        globals_, locals_ = self.augment(k_aug, batch["image"])
+        globals_, locals_ = self.augment(k_aug, batch["image"], batch.get("image_hw"))
         student, state = self._student(params, extra["state"], globals_, k_global)
         if locals_ is not None:
             student_local, state = self._student(params, state, locals_, k_local)

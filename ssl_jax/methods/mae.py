@@ -154,14 +154,15 @@ class MAE(MethodBase):
         dec = self.decoder.init(k_dec, tokens, ids_restore)
         return {"encoder": enc["params"], "decoder": dec["params"]}, {}
 
-    def augment(self, rng: jax.Array, images: jax.Array) -> jax.Array:
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> jax.Array:
         """uint8 ``[batch, h, w, 3]`` -> the normalised view ``config.aug.view1``."""
-        return augment.normalize(augment.augment_view(rng, images, self.view))
+        return augment.normalize(augment.augment_view(rng, images, self.view, image_hw))
 
     def loss(self, params, extra, batch, rng, step):
         del step
         k_aug, k_mask, k_drop = jax.random.split(rng, 3)
-        images = self.augment(k_aug, batch["image"])
+        images = self.augment(k_aug, batch["image"], batch.get("image_hw"))
         ids_keep, mask, ids_restore = self.masks(k_mask, images.shape[0])
         pred = self.reconstruct(params, images, ids_keep, ids_restore, True, k_drop)
         target = patch_targets(patchify(images, self.patch), self.cfg.norm_pix_loss)

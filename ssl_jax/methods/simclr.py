@@ -50,12 +50,13 @@ class SimCLR(MethodBase):
             dtype=self.encoder.dtype,
         )
 
-    def augment(self, rng: jax.Array, images: jax.Array) -> jax.Array:
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> jax.Array:
         """``[batch, h, w, 3]`` uint8 -> ``[2 * batch, size, size, 3]`` normalised, with the two
         views of image i at rows 2i and 2i+1 so that both stay on the device that holds image i."""
         k1, k2 = jax.random.split(rng)
-        v1 = augment.augment_view(k1, images, self.views[0])
-        v2 = augment.augment_view(k2, images, self.views[1])
+        v1 = augment.augment_view(k1, images, self.views[0], image_hw)
+        v2 = augment.augment_view(k2, images, self.views[1], image_hw)
         x = jnp.stack([v1, v2], axis=1)
         return augment.normalize(x.reshape(-1, *x.shape[2:]))
 
@@ -72,7 +73,7 @@ class SimCLR(MethodBase):
     def loss(self, params, extra, batch, rng, step):
         del step
         k_aug, k_drop = jax.random.split(rng)
-        x = self.augment(k_aug, batch["image"])
+        x = self.augment(k_aug, batch["image"], batch.get("image_hw"))
         feats, enc_state = apply_network(self.encoder, params["encoder"], extra["encoder"], x,
                                          train=True, rng=k_drop)
         z, head_state = apply_network(self.head, params["head"], extra["head"], feats, train=True)

@@ -7,8 +7,8 @@ Pre-norm transformer blocks over patch tokens:
     z_l  = z'_l + DropPath(LS(MLP(LN(z'_l))))
     output = LN(z_L)
 
-The pieces are separate methods (`embed`, `position_embeddings`, `prepend_cls`, `encode`,
-`pool`) so that methods needing a different token flow (token dropping, mask tokens) can call
+The pieces are separate methods (`embed`, `position_embeddings`, `prepend_cls`,
+`input_tokens`, `encode`, `pool`) so that methods needing a different token flow (token dropping, mask tokens) can call
 them in another order with `module.apply(..., method=...)`.
 
 Position embeddings describe the patch grid of `image_size`; an input with another grid gets
@@ -34,13 +34,9 @@ import numpy as np
 from ssl_jax.models.layers import Conv, Dense, attention, attention_weights, gelu
 from ssl_jax.models.vit_init import check_init_scheme, dense_init, patch_init
 
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "ti": (192, 12, 3),
-    "s": (384, 12, 6),
-    "b": (768, 12, 12),
-    "l": (1024, 24, 16),
-    "h": (1280, 32, 16),
-}
+VIT_SIZES: dict[str, tuple[int, int, int]] = {  # (dim, depth, heads)
+    "ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16),
+    "h": (1280, 32, 16)}
 POS_EMBED_KINDS = ("learned", "sincos", "none")
 POOL_KINDS = ("cls", "mean")
 LN_EPSILON = 1e-6
@@ -420,6 +416,30 @@ class ViT(nn.Module):
                 "rel_pos_bias).")
         return self.rel_pos()
 
+    def input_tokens(self, x: jnp.ndarray, ids_keep: jnp.ndarray | None = None,
+                     bool_masked_pos: jnp.ndarray | None = None
+                     ) -> tuple[jnp.ndarray, jnp.ndarray | None, int]:
+        """The tokens that enter the first block (see `__call__`), the attention bias, and
+        the number of patch tokens among them."""
+        tokens, grid = self.embed(x)
+        batch = x.shape[0]
+        if bool_masked_pos is not None:  # BEiT: masked patches become the mask token
+            if not self.use_mask_token:
+                raise ValueError("ViT bool_masked_pos needs use_mask_token=True.")
+            chex.assert_shape(bool_masked_pos, (batch, grid[0] * grid[1]))
+            w = bool_masked_pos.astype(tokens.dtype)[:, :, None]
+            tokens = tokens * (1 - w) + self.mask_token.astype(tokens.dtype) * w
+        prefix_pos, patch_pos = self.position_embeddings(grid)
+        if patch_pos is not None:
+            tokens = tokens + patch_pos.astype(tokens.dtype)
+        num_patches = grid[0] * grid[1]
+        if ids_keep is not None:  # MAE: only the visible patches enter the encoder
+            chex.assert_shape(ids_keep, (batch, None))
+            tokens = jnp.take_along_axis(tokens, ids_keep[:, :, None], axis=1)
+            num_patches = ids_keep.shape[1]
+        tokens = self.prepend_cls(tokens, prefix_pos)
+        return tokens, self.attention_bias(grid, num_patches), num_patches
+
     def encode(self, tokens: jnp.ndarray, train: bool, bias: jnp.ndarray | None = None,
                final_norm: bool = True) -> jnp.ndarray:
         """Transformer blocks then the final LayerNorm. `[batch, t, dim] -> [batch, t, dim]`."""
@@ -454,24 +474,8 @@ class ViT(nn.Module):
         bool_masked_pos: jnp.ndarray | None = None,
         final_norm: bool = True,
     ) -> jnp.ndarray:
-        tokens, grid = self.embed(x)
         batch = x.shape[0]
-        if bool_masked_pos is not None:  # BEiT: masked patches become the mask token
-            if not self.use_mask_token:
-                raise ValueError("ViT bool_masked_pos needs use_mask_token=True.")
-            chex.assert_shape(bool_masked_pos, (batch, grid[0] * grid[1]))
-            w = bool_masked_pos.astype(tokens.dtype)[:, :, None]
-            tokens = tokens * (1 - w) + self.mask_token.astype(tokens.dtype) * w
-        prefix_pos, patch_pos = self.position_embeddings(grid)
-        if patch_pos is not None:
-            tokens = tokens + patch_pos.astype(tokens.dtype)
-        num_patches = grid[0] * grid[1]
-        if ids_keep is not None:  # MAE: only the visible patches enter the encoder
-            chex.assert_shape(ids_keep, (batch, None))
-            tokens = jnp.take_along_axis(tokens, ids_keep[:, :, None], axis=1)
-            num_patches = ids_keep.shape[1]
-        tokens = self.prepend_cls(tokens, prefix_pos)
-        bias = self.attention_bias(grid, num_patches)
+        tokens, bias, num_patches = self.input_tokens(x, ids_keep, bool_masked_pos)
         if return_attention:
             weights = self.last_attention(tokens, train, bias)
             t = self.num_prefix_tokens + num_patches
