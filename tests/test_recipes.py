@@ -134,7 +134,8 @@ def test_gap_pooling_drops_the_final_norm_and_applies_fc_norm():
     mean = np.asarray(tokens[:, 1:]).mean(axis=1)
     normed = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True)
                                                                + LN_EPSILON)
-    want = (normed * 1.5) @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+    head = {k: np.asarray(v) for k, v in params["head"].items()}
+    want = (normed * 1.5) @ head["kernel"] + head["bias"]
     np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-5)
     pretrained = {"params": {**params["encoder"], "norm": {"scale": 0, "bias": 0}}}
     assert "norm" not in without_unused(encoder, "gap", pretrained)["params"]
@@ -166,8 +167,10 @@ def test_presets_peak_lrs():
         spec.loader.exec_module(module)
         return module.get_config(arg)
 
-    for name, arg, peak in (("simclr", "data=cifar10", 2.0), ("simclr", "data=imagenet2012", 4.8),
-                            ("dino", "data=imagenet2012", 2e-3), ("mae", "data=imagenet2012", 2.4e-3),
+    for name, arg, peak in (("simclr", "data=cifar10", 2.0),
+                            ("simclr", "data=imagenet2012", 4.8),
+                            ("dino", "data=imagenet2012", 2e-3),
+                            ("mae", "data=imagenet2012", 2.4e-3),
                             ("beit", "data=imagenet2012", 1.5e-3)):
         c = config(name, arg)
         assert optim.peak_learning_rate(c.optim, c.batch_size) == pytest.approx(peak), name

@@ -34,10 +34,9 @@ The data dir is `data_cfg.data_dir`, else `$TFDS_DATA_DIR`, else
 
 from __future__ import annotations
 
-import math
-
 import functools
 import glob
+import math
 import os
 from typing import Any, NamedTuple
 

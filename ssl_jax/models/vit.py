@@ -7,9 +7,9 @@ Pre-norm transformer blocks over patch tokens:
     z_l  = z'_l + DropPath(LS(MLP(LN(z'_l))))
     output = LN(z_L)
 
-The pieces are separate methods (`embed`, `position_embeddings`, `prepend_cls`,
-`input_tokens`, `encode`, `pool`) so that methods needing a different token flow (token dropping, mask tokens) can call
-them in another order with `module.apply(..., method=...)`.
+The pieces are separate methods (`embed`, `position_embeddings`, `prepend_cls`, `input_tokens`,
+`encode`, `pool`) so that methods needing a different token flow (token dropping, mask tokens,
+the last blocks' outputs) can call them in another order with `module.apply(..., method=...)`.
 
 Position embeddings describe the patch grid of `image_size`; an input with another grid gets
 them resampled bicubically (the cls position embedding is kept apart), so one ViT serves 224-px
@@ -250,8 +250,9 @@ class ViT(nn.Module):
     `__call__(x [batch, height, width, channels], train)` -> `[batch, dim]` (float32): the cls
     token after the final LayerNorm, or the mean of the patch tokens when `use_cls_token` is
     False. With `return_tokens=True`: `[batch, num_prefix_tokens + num_patches, dim]`, all
-    tokens after the final LayerNorm (before it with `final_norm=False`). With `ids_keep [batch, n_keep]` (MAE's token dropping),
-    only those patches (after their position embeddings are added) enter the blocks, and
+    tokens after the final LayerNorm (before it with `final_norm=False`). With `ids_keep
+    [batch, n_keep]` (MAE's token dropping), only those patches (after their position
+    embeddings are added) enter the blocks, and
     `num_patches` above is `n_keep`. With `return_attention=True`: the last block's attention
     probabilities `[batch, num_heads, tokens, tokens]` (softmax(q k^T / sqrt(d)), float32), for
     attention maps; the row of token 0 is the cls token's attention. Height and width must be
@@ -495,5 +496,4 @@ def vit(size: str, patch_size: int, **kw: Any) -> ViT:
     if size not in VIT_SIZES:
         raise ValueError(f"ViT size={size!r} is unknown; use one of {list(VIT_SIZES)}.")
     dim, depth, num_heads = VIT_SIZES[size]
-    fields = {"dim": dim, "depth": depth, "num_heads": num_heads, **kw}
-    return ViT(patch_size=patch_size, **fields)
+    return ViT(patch_size=patch_size, **{"dim": dim, "depth": depth, "num_heads": num_heads, **kw})
