@@ -55,6 +55,8 @@ def get_config(arg=None):
     config.optim.update(name="adamw", base_lr=data["base_lr"], lr_scaling="linear",
                         warmup_epochs=data["warmup_epochs"], b1=0.9, b2=0.999, weight_decay=0.05,
                         grad_clip_norm=3.0)
+    if arg.data == "imagenet2012":  # run_beit_pretraining.py's --min_lr 1e-5
+        config.optim.end_lr_factor = 1e-5 / (data["base_lr"] * data["batch_size"] / 256)
     vit_kw = {"depth": data["depth"]} if data["depth"] and not arg.model else {}
     presets.set_model(config, arg.model or data["model"], **VIT_OPTIONS, **vit_kw)
 

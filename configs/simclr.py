@@ -31,7 +31,10 @@ def get_config(arg=None):
         presets.set_model(config, arg.model or "resnet50")
         config.batch_size = 4096
         config.num_epochs = 100.0
-        config.optim.update(base_lr=0.3, weight_decay=1e-6, warmup_epochs=10.0)
+        # The tf2 README's ImageNet command: --learning_rate=0.075 --learning_rate_scaling=sqrt
+        # --weight_decay=1e-4 (0.075 x sqrt(4096) = 4.8, as 0.3 x 4096/256).
+        config.optim.update(base_lr=0.075, lr_scaling="sqrt", weight_decay=1e-4,
+                            warmup_epochs=10.0)
         config.simclr.update(temperature=0.1, proj_hidden_dim=2048, proj_out_dim=128)
     elif arg.data == "cifar10":
         presets.set_model(config, arg.model or "resnet18", cifar_stem=True, width_multiplier=1.0)
