@@ -303,7 +303,7 @@ def validate_view_config(cfg: Any) -> None:
             fail(name, "must be a probability in [0, 1].")
     if not isinstance(cfg.flip, bool):
         fail("flip", "must be True or False.")
-    if getattr(cfg, "blur_kernel", "simclr") not in BLUR_KERNELS:
+    if getattr(cfg, "blur_kernel", VIEW_OPTIONAL_KEYS["blur_kernel"]) not in BLUR_KERNELS:
         fail("blur_kernel", f"must be one of {BLUR_KERNELS} (SimCLR's 10%-of-side kernel or "
              "PIL's uncapped Gaussian, as DINO).")
     if not number("color_jitter") or cfg.color_jitter < 0:

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 
 # view_config: re-exported for ssl_jax/finetune.py (its owner moves it to ssl_jax.presets)
-from ssl_jax.presets import JITTER_KEYS, check_range, validate_view_config, view_config  # noqa: F401
+from ssl_jax.presets import (  # noqa: F401
+    JITTER_KEYS,
+    VIEW_OPTIONAL_KEYS,
+    check_range,
+    validate_view_config,
+    view_config,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -377,8 +383,8 @@ def _augment_example(key: Array, image: Array, image_hw: Array | None, cfg: Any)
     if cfg.grayscale_p > 0:
         x = random_grayscale(k_gray, x, cfg.grayscale_p)
     if cfg.blur_p > 0:
-        kernel = blur_kernel_size(cfg.size, getattr(cfg, "blur_kernel", "simclr"),
-                                  cfg.blur_sigma[1])
+        rule = getattr(cfg, "blur_kernel", VIEW_OPTIONAL_KEYS["blur_kernel"])
+        kernel = blur_kernel_size(cfg.size, rule, cfg.blur_sigma[1])
         x = gaussian_blur(k_blur, x, cfg.blur_p, cfg.blur_sigma, kernel)
     if cfg.solarize_p > 0:
         x = solarize(k_solarize, x, cfg.solarize_p)

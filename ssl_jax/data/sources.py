@@ -288,11 +288,10 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise DataError(f"config.data.{key}={value!r} must be an integer >= {low}: fix "
                             f"--config.data.{key}.")
-    region = data_cfg.get("train_region", "square")
+    region, aspect = train_region(data_cfg)
     if region not in TRAIN_REGIONS:
         raise DataError(f"config.data.train_region={region!r} is unknown: use one of "
                         f"{TRAIN_REGIONS} ('whole' lets the crops see the whole image).")
-    aspect = data_cfg.get("max_aspect", 4 / 3)
     if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 1 <= aspect <= 4:
         raise DataError(f"config.data.max_aspect={aspect!r} must be a number in [1, 4] (the "
                         "longest side kept, over the shorter): fix --config.data.max_aspect.")
@@ -305,12 +304,18 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
 TRAIN_REGIONS = ("square", "whole")
 
 
+def train_region(data_cfg: ml_collections.ConfigDict) -> tuple[str, float]:
+    """``(data.train_region, data.max_aspect)``; a config from before the keys: the square."""
+    return data_cfg.get("train_region", "square"), data_cfg.get("max_aspect", 4 / 3)
+
+
 def canvas_size(data_cfg: ml_collections.ConfigDict) -> int:
     """Side of the training images: ``image_size``, or with ``train_region='whole'`` the
     square that holds the longest side kept, ``ceil(image_size * max_aspect)``."""
-    if data_cfg.get("train_region", "square") == "square":
+    region, aspect = train_region(data_cfg)
+    if region == "square":
         return int(data_cfg.image_size)
-    return int(math.ceil(data_cfg.image_size * data_cfg.get("max_aspect", 4 / 3) - 1e-9))
+    return int(math.ceil(data_cfg.image_size * aspect - 1e-9))
 
 
 def train_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
@@ -318,7 +323,7 @@ def train_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
     ``train_region='whole'`` the image on its canvas (:func:`canvas_size`) and ``image_hw``,
     int32 ``[2]``, the height and width of the image within it (at the top left)."""
     fields = source_fields(data_cfg)
-    if data_cfg.get("train_region", "square") == "whole":
+    if train_region(data_cfg)[0] == "whole":
         side = canvas_size(data_cfg)
         fields["image"] = Field((side, side, 3), "uint8")
         fields["image_hw"] = Field((2,), "int32")

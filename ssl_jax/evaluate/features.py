@@ -59,18 +59,21 @@ def extract_features(
     split: str,
     mesh: Mesh,
     encoder_input: Callable[[jax.Array], jax.Array] | None = None,
+    embed_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(features [n, d] float32, labels [n] int32)`` of every example of ``split``; the
     encoder sees ``encoder_input(normalised centre views)``: pass the method's
-    ``method.encoder_input`` (None: the views themselves)."""
+    ``method.encoder_input`` (None: the views themselves). ``embed_fn(variables, views)``
+    replaces the encoder's own output (e.g. the evaluation protocols' last-block features)."""
     feed = encoder_input or (lambda x: x)
+    apply = embed_fn or (lambda v, x: encoder.apply(v, feed(x), train=False))
     crop = config.aug.view1.size
     batch_size = config.eval.batch_size
     parallel.check_global_batch(batch_size, mesh)
 
     @jax.jit
     def embed(variables, images):
-        return encoder.apply(variables, feed(eval_view(images, crop)), train=False)
+        return apply(variables, eval_view(images, crop))
 
     feats, labels = [], []
     for batch in pipeline.eval_batches(

@@ -23,7 +23,6 @@ and no grid: these protocols report the test top-1 of their fixed recipe, as the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -31,11 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from ssl_jax import optim, parallel, presets
 from ssl_jax.data import augment, pipeline
-from ssl_jax.evaluate.features import eval_view
+from ssl_jax.evaluate.features import extract_features
 from ssl_jax.models.vit import ViT
 
 PROTOCOLS = ("fast", "dino", "mae")
@@ -124,13 +122,13 @@ def train_protocol_probe(method: Any, variables: Any, config: ml_collections.Con
     num_classes = pipeline.num_classes(data)
 
     def features(images, hw, key):
-        x = (augment.normalize(augment.augment_view(key, images, view, hw)) if key is not None
-             else eval_view(images, crop))
+        x = augment.normalize(augment.augment_view(key, images, view, hw))
         f = protocol_features(method, variables, x, r["n_last_blocks"], r["avgpool"])
         return jax.lax.stop_gradient(f)
 
-    dim = jax.eval_shape(lambda im: features(im, None, None),
-                         jnp.zeros((1, crop, crop, 3), jnp.uint8)).shape[-1]
+    dim = jax.eval_shape(
+        lambda x: protocol_features(method, variables, x, r["n_last_blocks"], r["avgpool"]),
+        jnp.zeros((1, crop, crop, 3), jnp.float32)).shape[-1]
     key = jax.random.key(config.seed)
     head = {"kernel": HEAD_INIT_STD * jax.random.truncated_normal(key, -2.0, 2.0,
                                                                   (dim, num_classes)),
@@ -160,23 +158,12 @@ def train_protocol_probe(method: Any, variables: Any, config: ml_collections.Con
                                          arrays.get("image_hw"), arrays["label"],
                                          jax.random.fold_in(key, t + 1))
 
-    @jax.jit
-    def predict(images):
-        feats, _ = _normalise(features(images, None, None), bn, train=False)
-        return jnp.argmax(feats @ head["kernel"] + head["bias"], axis=-1)
-
-    correct = count = 0
-    for b in pipeline.eval_batches(data, data.test_split, batch_size=ev.batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
-        arrays = parallel.global_batch(b, mesh)
-        got = multihost_utils.process_allgather(
-            {"p": predict(arrays["image"]), "y": arrays["label"], "m": arrays["mask"]},
-            tiled=True)
-        keep = np.asarray(got["m"]).astype(bool)
-        correct += int((np.asarray(got["p"]) == np.asarray(got["y"]))[keep].sum())
-        count += int(keep.sum())
-    return {"protocol": ev.protocol, "top1": correct / max(count, 1), "steps": total,
-            "batch_size": batch, "feature_dim": int(dim), "final_loss": float(loss),
-            "peak_lr": optim.peak_learning_rate(ocfg, batch),
-            "recipe": {k: v for k, v in r.items() if not isinstance(v, float) or math.isfinite(v)}}
+    test_x, test_y = extract_features(
+        method.encoder, variables, config, data.test_split, mesh,
+        embed_fn=lambda v, x: protocol_features(method, v, x, r["n_last_blocks"], r["avgpool"]))
+    feats, _ = _normalise(jnp.asarray(test_x), bn, train=False)
+    predicted = np.asarray(jnp.argmax(feats @ head["kernel"] + head["bias"], axis=-1))
+    return {"protocol": ev.protocol, "top1": float(np.mean(predicted == test_y)),
+            "steps": total, "batch_size": batch, "feature_dim": int(dim),
+            "final_loss": float(loss), "peak_lr": optim.peak_learning_rate(ocfg, batch),
+            "recipe": dict(r)}
