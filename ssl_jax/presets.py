@@ -113,6 +113,14 @@ def set_model(config: ml_collections.ConfigDict, name: str, **kwargs: Any) -> No
     config.model = dict(name=name, **{**family, **kwargs})
 
 
+def set_encoder(config: ml_collections.ConfigDict, name: str, resnet: dict | None = None,
+                vit: dict | None = None) -> None:
+    """:func:`set_model` with the keyword arguments of the encoder's family: ``resnet`` for a
+    ResNet, ``vit`` for a ViT (a preset whose default backbone is a ResNet may be run with
+    ``model=vit_...``)."""
+    set_model(config, name, **((resnet if name.startswith("resnet") else vit) or {}))
+
+
 def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     """A smoke test of well under two minutes on 2 CPU cores: a few steps of a tiny model,
     checkpoints included, on small evaluation subsets."""
@@ -264,6 +272,16 @@ def dino_view(**overrides: Any) -> ml_collections.ConfigDict:
     base = dict(color_jitter=1.0, color_jitter_p=0.8, brightness=0.4, contrast=0.4,
                 saturation=0.2, hue=0.1, grayscale_p=0.2, flip=True, solarize_p=0.0,
                 blur_kernel="pil")
+    return view_config(**{**base, **overrides})
+
+
+def lightly_cifar10_view(**overrides: Any) -> ml_collections.ConfigDict:
+    """The views of lightly's CIFAR-10 benchmark (``SimCLRCollateFunction(input_size=32,
+    gaussian_blur=0.)``: crop scale 0.08-1, colour jitter 0.7/0.7/0.7/0.2 with p=0.8, grayscale
+    p=0.2, flip, no blur), the same for both views; BYOL's and MoCo v2's CIFAR-10 presets."""
+    base = dict(size=32, crop_scale=(0.08, 1.0), color_jitter=1.0, color_jitter_p=0.8,
+                brightness=0.7, contrast=0.7, saturation=0.7, hue=0.2, grayscale_p=0.2,
+                flip=True, blur_p=0.0, solarize_p=0.0)
     return view_config(**{**base, **overrides})
 
 

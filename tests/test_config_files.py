@@ -30,6 +30,10 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
                      "data=imagenet2012,mask=grid"),
     "beit": _BASIC + ("data=cifar10,model=vit_ti4", "data=imagenet2012,model=vit_s16"),
     "dvae": _BASIC,
+    "byol": _BASIC + ("data=digits,model=vit_ti4", "data=imagenet2012,model=resnet18"),
+    "moco_v2": _BASIC + ("data=digits,model=vit_ti4",),
+    "moco_v3": _BASIC + ("data=imagenet2012,model=resnet50", "data=digits,model=vit_ti4",
+                         "data=cifar10,model=vit_ti4", "data=digits,model=vit_ti4,runlocal"),
     "finetune": _BASIC + ("data=imagenet2012,vit=l", "data=imagenet2012,vit=h"),
 }
 # Keys added after the snapshot was last taken (prefixes, per config file); none at present.

@@ -4,15 +4,20 @@ the checks it makes for every method (method sub-config keys, the ViT patch grid
 import jax.numpy as jnp
 import pytest
 
+from configs import byol as byol_config
 from configs import dino as dino_config
 from configs import mae as mae_config
+from configs import moco_v2 as moco_v2_config
+from configs import moco_v3 as moco_v3_config
 from configs import simclr as simclr_config
 from ssl_jax import methods
 from ssl_jax.config import ConfigError
 from ssl_jax.methods.base import MethodBase
 
 METHOD_CONFIGS = [(simclr_config, "data=digits,runlocal"), (dino_config, "data=digits,runlocal"),
-                  (mae_config, "data=digits,runlocal")]
+                  (mae_config, "data=digits,runlocal"), (byol_config, "data=digits,runlocal"),
+                  (moco_v2_config, "data=digits,runlocal"),
+                  (moco_v3_config, "data=digits,runlocal")]
 
 
 @pytest.mark.parametrize("module,arg", METHOD_CONFIGS)
@@ -23,7 +28,8 @@ def test_every_method_is_a_method_base_with_the_same_create(module, arg):
     assert (method.total_steps, method.steps_per_epoch) == (10, 5)
     images = jnp.ones((2, 8, 8, 3))
     assert method.encoder_input(images) is images  # the default: the image itself
-    if config.method != "dino":  # DINO's after_update is its EMA teacher
+    if type(method).after_update is MethodBase.after_update:  # not an EMA teacher (DINO, BYOL,
+        # MoCo)
         extra = {"x": jnp.zeros(2)}
         assert method.after_update({}, extra, 0) is extra
 
@@ -56,7 +62,8 @@ def test_a_module_that_is_not_a_method_is_refused(name):
 
 
 def test_vit_patch_grid_is_checked_for_every_method():
-    for module in (simclr_config, dino_config, mae_config):
+    for module in (simclr_config, dino_config, mae_config, byol_config, moco_v2_config,
+                   moco_v3_config):
         config = module.get_config("data=digits,runlocal,model=vit_ti4")
         with config.unlocked():
             config.aug.view1.size = 18

@@ -1,6 +1,7 @@
 """The shared maths of the methods (ssl_jax.methods.ssl_math) against NumPy references: EMA,
 schedules, centring, the stop-gradient teacher, NT-Xent and InfoNCE with global negatives (1
-device vs 8 forced CPU devices), patchify, the collapse indicator."""
+device vs 8 forced CPU devices), MoCo's queue and InfoNCE against it, BatchNorm in groups,
+patchify, the collapse indicator."""
 
 import flax.linen as nn
 import jax
@@ -192,3 +193,73 @@ def test_feature_std_matches_numpy_and_detects_collapse():
                                rtol=1e-5)
     collapsed = np.tile(feats[:1], (64, 1))
     assert float(ssl_math.feature_std(jnp.asarray(collapsed))) < 1e-6
+
+
+# --- MoCo v2's dictionary and grouped BatchNorm ------------------------------------------------
+
+
+def moco_algorithm1_numpy(q, k, queue, tau):
+    """Algorithm 1 of MoCo (He et al. 2020), with queue rows as the dictionary's keys."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    l_pos = np.einsum("nc,nc->n", q, k)[:, None]  # bmm(q.view(N,1,C), k.view(N,C,1))
+    l_neg = q @ queue.T  # mm(q.view(N,C), queue.view(C,K))
+    logits = np.concatenate([l_pos, l_neg], axis=1) / tau
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_prob = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -log_prob[:, 0].mean(), np.mean(np.argmax(logits, axis=1) == 0)
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.2])
+def test_queue_info_nce_matches_moco_algorithm1(tau):
+    rng = np.random.default_rng(3)
+    q, k = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    queue = rng.normal(size=(12, 5)).astype(np.float32)
+    queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+    loss, acc = ssl_math.queue_info_nce(jnp.asarray(q), jnp.asarray(k), jnp.asarray(queue), tau)
+    ref_loss, ref_acc = moco_algorithm1_numpy(q, k, queue, tau)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref_acc)
+    # The gradient reaches the queries only: not the keys, not the queue.
+    grads = jax.grad(lambda q_, k_, d_: ssl_math.queue_info_nce(q_, k_, d_, tau)[0],
+                     argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(queue))
+    assert float(jnp.abs(grads[0]).max()) > 0
+    assert float(jnp.abs(grads[1]).max()) == 0 and float(jnp.abs(grads[2]).max()) == 0
+
+
+def test_enqueue_order_and_wrap_around():
+    """MoCo's _dequeue_and_enqueue: keys land in rows ptr..ptr+n in their order, the pointer
+    wraps to 0 after K / n steps, and the oldest keys are overwritten first."""
+    size, n, dim = 6, 2, 3
+    queue, ptr = jnp.zeros((size, dim)), jnp.zeros((), jnp.int32)
+    batches = [(np.full((n, dim), i) + np.arange(n)[:, None] / 10).astype(np.float32)
+               for i in range(1, 5)]
+    ref = np.zeros((size, dim), np.float32)
+    ref_ptr = 0
+    for keys in batches:
+        queue, ptr = ssl_math.enqueue(queue, ptr, jnp.asarray(keys))
+        ref[ref_ptr:ref_ptr + n] = keys  # the official code's queue[:, ptr:ptr + batch] = keys.T
+        ref_ptr = (ref_ptr + n) % size
+        np.testing.assert_array_equal(queue, ref)
+        assert int(ptr) == ref_ptr
+    assert int(ptr) == 2  # 4 batches of 2 in a queue of 6: wrapped once
+    np.testing.assert_array_equal(queue[:2], batches[3])  # the oldest (batch 1) overwritten
+    with pytest.raises(ValueError, match="not a multiple"):
+        ssl_math.enqueue(jnp.zeros((5, dim)), ptr, jnp.zeros((2, dim)))
+
+
+def test_apply_network_in_groups_normalises_each_group_alone():
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(8, 4)), jnp.float32)
+    net = _BNNet()
+    params, state = ssl_math.split_variables(net.init(jax.random.key(0), x, train=False))
+    out, new_state = ssl_math.apply_network_in_groups(net, params, state, x, 2, train=True)
+    parts = [ssl_math.apply_network(net, params, state, x[i:i + 4], train=True)
+             for i in (0, 4)]
+    np.testing.assert_allclose(out, np.concatenate([p[0] for p in parts]), rtol=1e-5, atol=1e-6)
+    mean = (parts[0][1]["batch_stats"]["BatchNorm_0"]["mean"]
+            + parts[1][1]["batch_stats"]["BatchNorm_0"]["mean"]) / 2
+    np.testing.assert_allclose(new_state["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-5)
+    whole, _ = ssl_math.apply_network(net, params, state, x, train=True)
+    assert not np.allclose(out, whole, atol=1e-3)  # per-group statistics differ from global
+    same, _ = ssl_math.apply_network_in_groups(net, params, state, x, 1, train=True)
+    np.testing.assert_array_equal(same, whole)

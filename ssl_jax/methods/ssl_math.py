@@ -4,12 +4,15 @@ Method files import these instead of defining (or importing from another method)
 
 - teacher-student (DINO, BYOL, MoCo, iBOT): :func:`ema`, :func:`cosine_momentum`,
   :func:`update_center`, :func:`teacher_forward`;
+- MoCo v2's dictionary: :func:`enqueue` (a FIFO queue of keys in the method's state) and
+  :func:`queue_info_nce` (InfoNCE against the queue);
 - schedules of temperatures and weights: :func:`linear_warmup`, :func:`cosine_anneal`;
 - contrastive (SimCLR, MoCo v3, CLIP): :func:`nt_xent` and :func:`info_nce`, whose negatives
   come from the **global** batch: under a mesh the projections are all-gathered inside
   ``jax.shard_map``, so the loss is that of the global batch whatever the device count;
 - masked modelling (MAE, SimMIM, BEiT): :func:`patchify`, :func:`unpatchify`;
-- networks with non-trained state (BatchNorm): :func:`apply_network`, :func:`split_variables`;
+- networks with non-trained state (BatchNorm): :func:`apply_network`, :func:`split_variables`,
+  :func:`apply_network_in_groups` (BatchNorm statistics per group of the batch);
 - collapse indicators: :func:`feature_std`.
 
 Each is tested against a NumPy reference in ``tests/test_ssl_math.py``.
@@ -75,13 +78,36 @@ def apply_network(module: nn.Module, params: Any, state: dict[str, Any], x: Any,
     return module.apply({"params": params, **state}, x, train=train, rngs=rngs, **kwargs), state
 
 
-def teacher_forward(module: nn.Module, params: Any, state: dict[str, Any], x: Any, **kwargs: Any
+def apply_network_in_groups(module: nn.Module, params: Any, state: dict[str, Any], x: jax.Array,
+                            groups: int, *, train: bool, rng: jax.Array | None = None
+                            ) -> tuple[Any, dict[str, Any]]:
+    """:func:`apply_network` with BatchNorm statistics of ``groups`` contiguous groups of the
+    batch ``x [n, ...]`` (``n / groups`` rows each) instead of the whole batch: the groups of
+    MoCo's per-GPU BatchNorm, fixed by the global batch's order rather than by the devices, so
+    1 and N devices compute the same. The running statistics move by the mean over groups of each
+    group's update. A network without state (no BatchNorm), ``groups == 1`` or ``train=False``
+    is :func:`apply_network` itself."""
+    if groups == 1 or not train or not state:
+        return apply_network(module, params, state, x, train=train, rng=rng)
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} BatchNorm groups")
+
+    def one_group(xg):
+        return apply_network(module, params, state, xg, train=True, rng=rng)
+
+    out, new_state = jax.vmap(one_group)(x.reshape(groups, -1, *x.shape[1:]))
+    out = jax.tree_util.tree_map(lambda o: o.reshape(-1, *o.shape[2:]), out)
+    return out, jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), new_state)
+
+
+def teacher_forward(module: nn.Module, params: Any, state: dict[str, Any], x: Any, *,
+                    apply: Callable[..., Any] = apply_network, **kwargs: Any
                     ) -> tuple[Any, dict[str, Any]]:
-    """The stop-gradient teacher: :func:`apply_network` in training mode (BatchNorm normalises
-    with the global batch and updates the teacher's own statistics, as DINO and BYOL run their
+    """The stop-gradient teacher: :func:`apply_network` (or ``apply``, e.g.
+    :func:`apply_network_in_groups` with its groups bound) in training mode (BatchNorm normalises
+    with the batch and updates the teacher's own statistics, as DINO and BYOL run their
     teachers) on ``stop_gradient(params)``; the output carries no gradient."""
-    out, state = apply_network(module, jax.lax.stop_gradient(params), state, x, train=True,
-                               **kwargs)
+    out, state = apply(module, jax.lax.stop_gradient(params), state, x, train=True, **kwargs)
     return jax.lax.stop_gradient(out), state
 
 
@@ -199,6 +225,40 @@ def info_nce(queries: jax.Array, keys: jax.Array, temperature: float, mesh: Mesh
     loss, correct = _sum_over_shards(
         lambda q, k, axes: _info_nce_sums(q, k, temperature, axes), mesh, queries, keys)
     return loss / queries.shape[0], correct / queries.shape[0]
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MoCo's ``_dequeue_and_enqueue``: ``keys [n, dim]`` (the global batch's, in its order)
+    replace the ``n`` oldest rows of ``queue [K, dim]`` starting at row ``ptr``, and the pointer
+    moves on by ``n`` modulo ``K`` (a ring: after ``K / n`` steps it wraps to row 0). ``K`` must be
+    a multiple of ``n`` (MoCo's ``assert K % batch_size == 0``). No gradient flows into it."""
+    chex.assert_rank([queue, keys], 2)
+    size, n = queue.shape[0], keys.shape[0]
+    if size % n:
+        raise ValueError(f"a queue of {size} keys is not a multiple of the {n} keys enqueued")
+    keys = jax.lax.stop_gradient(keys).astype(queue.dtype)
+    queue = jax.lax.dynamic_update_slice(queue, keys, (ptr, jnp.zeros((), ptr.dtype)))
+    return queue, (ptr + n) % size
+
+
+def queue_info_nce(queries: jax.Array, keys: jax.Array, queue: jax.Array, temperature: float
+                   ) -> tuple[jax.Array, jax.Array]:
+    """MoCo's InfoNCE (Algorithm 1 of He et al. 2020): query ``i``'s positive is key ``i``, its
+    negatives the ``K`` keys of the queue (not the batch's other keys)::
+
+        logits_i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / tau,  label 0
+
+    ``queries, keys [N, dim]`` (L2-normalised here), ``queue [K, dim]`` (rows already unit
+    norm; no gradient reaches keys or queue). Every row's loss is its own, so under ``jax.jit``
+    over a sharded batch the mean is that of the global batch. Returns ``(loss, accuracy)``."""
+    chex.assert_equal_shape((queries, keys))
+    q = l2_normalize(queries)
+    k = jax.lax.stop_gradient(l2_normalize(keys))
+    positive = jnp.sum(q * k, axis=-1, keepdims=True)  # [N, 1]
+    negative = q @ jax.lax.stop_gradient(queue).astype(jnp.float32).T  # [N, K]
+    logits = jnp.concatenate([positive, negative], axis=1) / temperature
+    loss, correct = _cross_entropy_sums(logits, jnp.zeros((q.shape[0],), jnp.int32))
+    return loss / q.shape[0], correct / q.shape[0]
 
 
 # --- Patches ------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ class ProjectionMLP(nn.Module):
 
     With BatchNorm, each of the `num_layers - 1` hidden layers is Dense (no bias) -> BN -> ReLU
     and the last is Dense (no bias) -> BN without centring (`use_bias=False`, as SimCLR v2's
-    code), no ReLU; with ``last_bn=False`` the last is a plain Dense with bias (BYOL's MLP:
-    Linear -> BN -> ReLU -> Linear). Without BatchNorm: Dense (bias) -> ReLU hidden layers, last
-    Dense with bias.
+    code), no ReLU; with ``last_bn_scale=False`` that BN has no scale either (MoCo v3's
+    ``BatchNorm1d(affine=False)``); with ``last_bn=False`` the last is a plain Dense with bias
+    (BYOL's MLP: Linear -> BN -> ReLU -> Linear; MoCo v3's ResNet predictor). Without
+    BatchNorm: Dense (bias) -> ReLU hidden layers, last Dense with bias (MoCo v2's head).
 
     `__call__(x [batch, d], train) -> [batch, out_dim]` (float32). BatchNorm statistics are in
     'batch_stats' and update only with `train=True`.
@@ -32,6 +33,7 @@ class ProjectionMLP(nn.Module):
     num_layers: int = 2
     use_bn: bool = True
     last_bn: bool = True
+    last_bn_scale: bool = True
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
@@ -55,6 +57,7 @@ class ProjectionMLP(nn.Module):
                     momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon,
                     use_bias=not last,
+                    use_scale=self.last_bn_scale or not last,
                     dtype=self.dtype,
                     axis_name=self.bn_axis_name,
                     name=f"bn{i}",
