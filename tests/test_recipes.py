@@ -176,6 +176,27 @@ def test_presets_peak_lrs():
         assert optim.peak_learning_rate(c.optim, c.batch_size) == pytest.approx(peak), name
 
 
+@pytest.mark.parametrize("arg, peak, warmup, decay, epochs", [
+    ("data=imagenet2012", 2e-3, 5.0, 0.65, 100.0),  # MAE FINETUNE.md: blr 5e-4 x 1024/256
+    ("data=imagenet2012,vit=l", 4e-3, 5.0, 0.75, 50.0),
+    ("data=imagenet2012,method=beit", 4e-3, 20.0, 0.65, 100.0),  # BEiT README: --lr 4e-3
+    ("data=imagenet2012,method=beit,vit=l", 1e-3, 5.0, 0.75, 50.0),
+    ("data=digits,method=beit", 4e-3, 6.0, 0.65, 30.0),
+])
+def test_finetuning_recipes_of_mae_and_beit(arg, peak, warmup, decay, epochs):
+    from ssl_jax.config import ConfigError
+    from ssl_jax.finetuning import default_config
+
+    c = default_config.get_config(arg)
+    assert optim.peak_learning_rate(c.optim, c.batch_size) == pytest.approx(peak)
+    assert (c.optim.warmup_epochs, c.optim.layer_decay, c.num_epochs) == (warmup, decay, epochs)
+    if "imagenet2012" in arg:  # both papers' cosine ends at min_lr 1e-6
+        assert c.batch_size == 1024
+        assert peak * c.optim.end_lr_factor == pytest.approx(1e-6)
+    with pytest.raises(ConfigError, match="unknown vit='h' for the BEiT"):
+        default_config.get_config("data=imagenet2012,method=beit,vit=h")
+
+
 def test_blur_kernel_rules():
     """SimCLR's kernel is 10% of the side (3 taps at 16-32 px); PIL's (DINO) is uncapped:
     radius ceil(3 sigma_max), 13 taps for sigma 2, below the side."""

@@ -9,6 +9,8 @@ import pytest
 from ssl_jax.models import create_encoder
 
 DIM, DEPTH, PATCH = 192, 4, 4  # ViT-Ti width: 192 x 768 MLP kernels give ~150k samples each
+# The standard deviation of a standard normal cut at +-1: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)).
+TRUNC_1SD = float(np.sqrt(1.0 - 2.0 * np.exp(-0.5) / np.sqrt(2 * np.pi) / 0.682689492))
 
 
 def _params(scheme, seed=0):
@@ -30,6 +32,9 @@ def test_kernel_statistics_follow_the_papers_code(scheme):
     fan_in = PATCH * PATCH * 3
     if scheme == "mae":  # xavier-uniform on the flattened kernel: var 2 / (fan_in + fan_out)
         _check_std(patch, np.sqrt(2.0 / (fan_in + DIM)), "patch")
+    elif scheme == "beit":  # trunc_normal_(std=0.02, a=-std, b=std)
+        _check_std(patch, 0.02 * TRUNC_1SD, "patch")
+        assert np.abs(patch).max() <= 0.02
     else:  # torch Conv2d default: uniform(+-1/sqrt(fan_in)), var 1 / (3 fan_in)
         _check_std(patch, np.sqrt(1.0 / (3 * fan_in)), "patch")
         assert np.abs(patch).max() <= 1.0 / np.sqrt(fan_in)
@@ -41,15 +46,18 @@ def test_kernel_statistics_follow_the_papers_code(scheme):
             fan_in, fan_out = kernel.shape
             if scheme == "mae":
                 expected = np.sqrt(2.0 / (fan_in + fan_out))
-            else:
+            elif scheme == "dino":
                 expected = 0.02
-                if scheme == "beit" and name in ("proj", "fc2"):
-                    expected /= np.sqrt(2.0 * (layer + 1))  # fix_init_weight, 1-based layer id
+            else:  # BEiT: 0.02 cut at +-1 std, then fix_init_weight (1-based layer id)
+                cut = 0.02 / (np.sqrt(2.0 * (layer + 1)) if name in ("proj", "fc2") else 1.0)
+                expected = cut * TRUNC_1SD
             _check_std(kernel, expected, f"{scheme} block {layer} {name}")
             if scheme == "mae":  # uniform: bounded by sqrt(3) std
                 assert np.abs(kernel).max() <= np.sqrt(3.0) * expected + 1e-7
-            else:  # a normal, not a +-2 std truncation: the tails reach past 3 std
+            elif scheme == "dino":  # a normal, not a +-2 std truncation: the tails reach past 3 std
                 assert np.abs(kernel).max() > 3.0 * expected
+            else:
+                assert np.abs(kernel).max() <= cut + 1e-7
         assert not np.any(block["attn"]["qkv"]["bias"]) and not np.any(block["mlp"]["fc2"]["bias"])
 
 
@@ -60,10 +68,14 @@ def test_default_is_mae_and_schemes_share_tokens():
     mae = _params("mae")
     jax.tree.map(np.testing.assert_array_equal, params, mae)
     dino = _params("dino")
-    # Tokens are trunc-normal(0.02) in every scheme; only kernels differ.
+    # Tokens are trunc-normal(0.02) cut at +-2 std in 'mae' and 'dino'; only kernels differ.
     np.testing.assert_array_equal(dino["cls_token"], mae["cls_token"])
     assert not np.array_equal(dino["blocks_0"]["attn"]["qkv"]["kernel"],
                               mae["blocks_0"]["attn"]["qkv"]["kernel"])
+    # BEiT's pre-training cuts its tokens at +-1 std.
+    pos = np.asarray(_params("beit")["pos_embedding"])
+    assert np.abs(pos).max() <= 0.02 and np.abs(mae["pos_embedding"]).max() > 0.02
+    _check_std(pos, 0.02 * TRUNC_1SD, "beit pos_embedding")
 
 
 def test_unknown_scheme_is_refused():

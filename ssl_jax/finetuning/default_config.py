@@ -13,17 +13,24 @@ overrides, so ``--config.data.root=...`` works when the data moved, and a change
 ``--config.model.*`` is refused (the encoder is restored as it was pre-trained).
 
 Presets (``arg``): ``data=digits|cifar10|imagenet2012`` (the recipe; without ``--config`` the job
-picks the run's dataset), ``vit=b|l|h`` (the ImageNet recipe of that ViT size), ``runlocal`` (a
-smoke test of a few steps).
+picks the run's dataset), ``method=NAME`` (the pre-training method: ``beit`` selects BEiT's
+fine-tuning recipe, every other method MAE's; without ``--config`` the job picks the run's),
+``vit=b|l|h`` (the ImageNet recipe of that ViT size), ``runlocal`` (a smoke test of a few steps).
 
 Recipes:
 - imagenet2012: MAE's end-to-end fine-tuning (He et al. 2022, Table 9 and the code's
   FINETUNE.md), ViT-B: batch 1024, AdamW (0.9, 0.999) with base LR 5e-4 x B/256, layer-wise LR
   decay 0.65, weight decay 0.05, 100 epochs with 5 warm-up then cosine, drop path 0.1, label
   smoothing 0.1, mixup 0.8, cutmix 1.0 (switch 0.5), random resized crop + flip, global average
-  pool + LayerNorm. ``vit=l``: base LR 1e-3, layer decay 0.75, 50 epochs, drop path 0.2;
-  ``vit=h``: the same with drop path 0.3. Not implemented: RandAugment (9, 0.5) and random
-  erasing 0.25 of MAE's recipe.
+  pool + LayerNorm, min LR 1e-6. ``vit=l``: base LR 1e-3, layer decay 0.75, 50 epochs, drop
+  path 0.2; ``vit=h``: the same with drop path 0.3. Not implemented: RandAugment (9, 0.5) and
+  random erasing 0.25 of MAE's recipe.
+- imagenet2012, ``method=beit``: BEiT's (its README's fine-tuning commands and
+  ``run_class_finetuning.py``), whose ``--lr`` is used as typed at batch 1024: ViT-B LR 4e-3
+  (base 1e-3 x B/256), 20 warm-up epochs of 100, layer decay 0.65, drop path 0.1; ``vit=l``:
+  LR 1e-3 (base 2.5e-4), 5 warm-up of 50, layer decay 0.75, drop path 0.2. The rest as MAE's.
+  On cifar10 and digits, ``method=beit`` keeps the dataset's recipe with BEiT's layer decay
+  0.65 and a fifth of the epochs as warm-up (its 20 of 100).
 - cifar10: scaled down for small machines (not tuned): batch 256, base LR 1e-3, layer decay
   0.65, 20 epochs with 2 warm-up, drop path 0.1, label smoothing 0.1, mixup 0.8, cutmix 1.0.
 - digits: the built-in data, about a minute on 2 CPU cores: batch 128, base LR 8e-3 (4e-3 at
@@ -44,24 +51,35 @@ VIT_SIZES = {  # MAE's fine-tuning per ViT size
     "l": dict(base_lr=1e-3, layer_decay=0.75, num_epochs=50.0, drop_path_rate=0.2),
     "h": dict(base_lr=1e-3, layer_decay=0.75, num_epochs=50.0, drop_path_rate=0.3),
 }
+BEIT_VIT_SIZES = {  # BEiT's README: --lr 4e-3 (B), 1e-3 (L) at batch 1024, as typed
+    "b": dict(base_lr=1e-3, layer_decay=0.65, num_epochs=100.0, drop_path_rate=0.1,
+              warmup_epochs=20.0),
+    "l": dict(base_lr=2.5e-4, layer_decay=0.75, num_epochs=50.0, drop_path_rate=0.2,
+              warmup_epochs=5.0),
+}
+MIN_LR = 1e-6  # MAE's and BEiT's fine-tuning: cosine to 1e-6
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, data="digits", vit="b", runlocal=False)
+    arg = parse_arg(arg, data="digits", method="mae", vit="b", runlocal=False)
     if arg.data not in ("digits", "cifar10", "imagenet2012"):
         raise ConfigError(f"unknown data={arg.data!r}; choose digits, cifar10 or imagenet2012")
-    config = _base(arg.data)
+    config = _base(arg.data, arg.method)
+    beit = arg.method == "beit"
 
     if arg.data == "imagenet2012":
-        if arg.vit not in VIT_SIZES:
-            raise ConfigError(f"unknown vit={arg.vit!r}; choose one of {', '.join(VIT_SIZES)}")
-        size = VIT_SIZES[arg.vit]
+        sizes = BEIT_VIT_SIZES if beit else VIT_SIZES
+        if arg.vit not in sizes:
+            raise ConfigError(f"unknown vit={arg.vit!r} for the {'BEiT' if beit else 'MAE'} "
+                              f"fine-tuning recipe; choose one of {', '.join(sizes)}")
+        size = sizes[arg.vit]
         config.batch_size = 1024
         config.num_epochs = size["num_epochs"]
         config.log_every = 100
         config.drop_path_rate = size["drop_path_rate"]
         config.optim.update(base_lr=size["base_lr"], layer_decay=size["layer_decay"],
-                            warmup_epochs=5.0)
+                            warmup_epochs=size.get("warmup_epochs", 5.0),
+                            end_lr_factor=MIN_LR / (size["base_lr"] * config.batch_size / 256))
         config.eval_batch_size = 1024
     elif arg.data == "cifar10":
         config.batch_size = 256
@@ -78,6 +96,8 @@ def get_config(arg=None):
         config.mixup.update(mixup_alpha=0.2, cutmix_alpha=0.5, prob=0.5)
         config.optim.update(base_lr=8e-3, layer_decay=0.75, warmup_epochs=3.0)
         config.eval_batch_size = 120
+    if beit and arg.data != "imagenet2012":
+        config.optim.update(layer_decay=0.65, warmup_epochs=config.num_epochs / 5)
 
     if arg.runlocal:
         config.batch_size = 32
@@ -90,9 +110,10 @@ def get_config(arg=None):
     return config
 
 
-def _base(data):
+def _base(data, method):
     config = ml_collections.ConfigDict()
     config.recipe = data  # the dataset this recipe is for (the job warns on another one)
+    config.recipe_method = method  # the pre-training method whose fine-tuning recipe this is
     config.step = -1  # checkpoint step to fine-tune; -1: the latest
     config.from_scratch = False  # True: a random init of the same encoder (the baseline)
     config.label_fraction = 1.0  # class-balanced share of the training labels, in (0, 1]

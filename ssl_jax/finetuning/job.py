@@ -89,7 +89,7 @@ def load_config(
             raise ConfigError(
                 f"the run's data.name={run.data.name!r} has no fine-tuning recipe of its own: "
                 f"pass --config configs/finetune.py:data={'|'.join(RECIPES)}")
-        path, arg = None, f"data={run.data.name}"
+        path, arg = None, f"data={run.data.name},method={run.method}"
     config = default_config.get_config(arg) if path is None else _load_config_file(path, arg)
     with config.unlocked():
         for key in RUN_KEYS:
@@ -104,6 +104,10 @@ def load_config(
     if config.get("recipe") not in (None, run.data.name):
         logging.warning("the fine-tuning recipe is for %s but the run's data is %s",
                         config.recipe, run.data.name)
+    if config.get("recipe_method") not in (None, run.method) and "beit" in (
+            config.recipe_method, run.method):
+        logging.warning("the fine-tuning recipe is %s's but the run is a %s run",
+                        config.recipe_method, run.method)
     return config, run
 
 

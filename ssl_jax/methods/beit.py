@@ -29,7 +29,6 @@ import math
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,8 +41,7 @@ from ssl_jax.data import augment, masking
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import ViT
-
-head_init = nn.initializers.truncated_normal(stddev=0.02)
+from ssl_jax.models.vit_init import token_init
 
 
 def paired_views(key: jax.Array, images: jax.Array, view: Any, tokenizer_size: int,
@@ -126,8 +124,8 @@ class BEiT(MethodBase):
         self.view = config.aug.view1
         self.grid = _check_config(config, self.encoder, self.tokenizer)
         self.num_masked = int(self.grid[0] * self.grid[1] * cfg.mask_ratio)
-        self.head = Dense(cfg.vocab_size, dtype=self.encoder.dtype, kernel_init=head_init,
-                          name="head")
+        self.head = Dense(cfg.vocab_size, dtype=self.encoder.dtype, name="head",
+                          kernel_init=token_init(self.encoder.init_scheme))
         self.tokenizer_params = self.restore_tokenizer()
 
     def restore_tokenizer(self) -> Any:

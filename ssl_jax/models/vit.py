@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax.models.layers import Conv, Dense, attention, attention_weights, gelu
-from ssl_jax.models.vit_init import check_init_scheme, dense_init, patch_init
+from ssl_jax.models.vit_init import check_init_scheme, dense_init, patch_init, token_init
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {  # (dim, depth, heads)
     "ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16),
@@ -40,8 +40,6 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {  # (dim, depth, heads)
 POS_EMBED_KINDS = ("learned", "sincos", "none")
 POOL_KINDS = ("cls", "mean")
 LN_EPSILON = 1e-6
-
-token_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def sincos_2d_pos_embed(dim: int, grid: tuple[int, int]) -> np.ndarray:
@@ -337,13 +335,14 @@ class ViT(nn.Module):
         patch = (self.patch_size, self.patch_size)
         self.patch_embed = Conv(self.dim, patch, strides=patch, padding="VALID", dtype=self.dtype,
                                 kernel_init=patch_init(self.init_scheme))
+        tokens = token_init(self.init_scheme)
         if self.use_cls_token:
-            self.cls_token = self.param("cls_token", token_init, (1, 1, self.dim))
+            self.cls_token = self.param("cls_token", tokens, (1, 1, self.dim))
         if self.pos_embed == "learned":
             num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-            self.pos_embedding = self.param("pos_embedding", token_init, (1, num_tokens, self.dim))
+            self.pos_embedding = self.param("pos_embedding", tokens, (1, num_tokens, self.dim))
         if self.use_mask_token:
-            self.mask_token = self.param("mask_token", token_init, (1, 1, self.dim))
+            self.mask_token = self.param("mask_token", tokens, (1, 1, self.dim))
         if self.rel_pos_bias:
             self.rel_pos = RelativePositionBias(self.grid_size, self.num_heads,
                                                 self.num_prefix_tokens)

@@ -4,13 +4,16 @@
   patch projection's kernel flattened to ``[patch * patch * channels, dim]``.
 - ``"dino"`` (DINO's ``_init_weights``): normal(0.02) on every Dense kernel; the patch projection
   keeps PyTorch's default Conv2d init, uniform(+-1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)).
-- ``"beit"``: DINO's scheme, then BEiT's ``fix_init_weight``: the two residual-branch outputs of
-  block ``l`` (1-based; attention ``proj`` and MLP ``fc2``) are divided by sqrt(2 l).
+- ``"beit"`` (BEiT pre-training, ``modeling_pretrain.py``): every Dense kernel, the patch
+  projection, the tokens and the masked-token head are trunc-normal(0.02) cut at +-1 standard
+  deviation (its own ``trunc_normal_`` passes ``a=-std, b=std``), so their standard deviation is
+  0.02 x 0.5396 = 0.0108; then ``fix_init_weight`` divides the two residual-branch outputs of
+  block ``l`` (1-based; attention ``proj`` and MLP ``fc2``) by sqrt(2 l).
 
-The official code calls timm's ``trunc_normal_(std=0.02)``, whose cut-off is at +-2 in absolute
-value, i.e. 100 standard deviations: a plain normal(0.02), which is what is used here. Biases
-start at zero and LayerNorms at (1, 0) in all three. Tokens (cls, mask, learned position) keep
-trunc-normal(0.02) in every scheme, as all three papers do.
+DINO calls timm's ``trunc_normal_(std=0.02)``, whose cut-off is at +-2 in absolute value, i.e.
+100 standard deviations: a plain normal(0.02), which is what is used here. Biases start at zero
+and LayerNorms at (1, 0) in all three. Tokens (cls, mask, learned position) are
+trunc-normal(0.02) cut at +-2 standard deviations for 'mae' and 'dino', at +-1 for 'beit'.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from flax import linen as nn
 
 INIT_SCHEMES = ("mae", "dino", "beit")
 _OFFICIAL_STD = 0.02
+
+
+def _beit_normal(std: float) -> nn.initializers.Initializer:
+    """BEiT pre-training's ``trunc_normal_(std)``: a normal(std) cut at +-1 std."""
+    return nn.initializers.truncated_normal(stddev=std, lower=-1.0, upper=1.0)
 
 
 def check_init_scheme(scheme: str) -> None:
@@ -36,10 +44,10 @@ def dense_init(scheme: str, residual_layer: int | None = None) -> nn.initializer
     check_init_scheme(scheme)
     if scheme == "mae":
         return nn.initializers.xavier_uniform()
-    std = _OFFICIAL_STD
-    if scheme == "beit" and residual_layer is not None:
-        std /= math.sqrt(2.0 * residual_layer)
-    return nn.initializers.normal(stddev=std)
+    if scheme == "dino":
+        return nn.initializers.normal(stddev=_OFFICIAL_STD)
+    scale = 1.0 if residual_layer is None else 1.0 / math.sqrt(2.0 * residual_layer)
+    return _beit_normal(_OFFICIAL_STD * scale)
 
 
 def patch_init(scheme: str) -> nn.initializers.Initializer:
@@ -47,6 +55,16 @@ def patch_init(scheme: str) -> nn.initializers.Initializer:
     check_init_scheme(scheme)
     if scheme == "mae":
         return nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+    if scheme == "beit":
+        return _beit_normal(_OFFICIAL_STD)
     # PyTorch's Conv2d default: kaiming_uniform(a=sqrt(5)) = uniform(+-sqrt(1 / fan_in)).
     return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
                                             in_axis=(0, 1, 2), out_axis=-1)
+
+
+def token_init(scheme: str) -> nn.initializers.Initializer:
+    """Initialiser of the cls, mask and learned position tokens (and of BEiT's token head)."""
+    check_init_scheme(scheme)
+    if scheme == "beit":
+        return _beit_normal(_OFFICIAL_STD)
+    return nn.initializers.truncated_normal(stddev=_OFFICIAL_STD)
