@@ -12,7 +12,11 @@ Two families:
 - **Blockwise masks** (BEiT, Bao et al. 2022, Algorithm 1): blocks of at least ``min_block``
   patches with aspect ratios in ``[min_aspect, 1 / min_aspect]`` are added until about
   ``num_masked`` patches are masked; a block is accepted only if it adds patches and does not
-  overshoot, so the count never exceeds ``num_masked`` (:func:`block_mask`).
+  overshoot, so the count never exceeds ``num_masked`` (:func:`block_mask`; iBOT draws the
+  target per image, so it may be a traced number, 0 for no mask).
+- **Mask-patch masks** (SimMIM, Xie et al. 2022): ``ceil(ratio * M)`` of the ``M`` squares of a
+  coarser mask-patch grid are masked at random, each covering ``(mask_patch / patch)^2`` model
+  patches (:func:`mask_patch_mask`).
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ def block_mask(
     """BEiT's blockwise mask of one image: ``[rows, cols]`` bool, True = masked.
 
     Rounds of :func:`_block_step` run until ``num_masked`` patches are masked or a round adds
-    nothing (as BEiT's ``MaskingGenerator``); the count is at most ``num_masked``."""
+    nothing (as BEiT's ``MaskingGenerator``); the count is at most ``num_masked``. A traced
+    ``num_masked`` (iBOT's per-image ``ratio * N``, a float) is not checked; 0 masks nothing."""
     rows, cols = grid
-    if not 0 < num_masked < rows * cols:
+    if isinstance(num_masked, (int, float)) and not 0 < num_masked < rows * cols:
         raise ValueError(f"num_masked={num_masked} must be in (0, {rows * cols}) for a "
                          f"{rows}x{cols} grid.")
     if not 0 < min_aspect <= 1:
@@ -140,3 +145,22 @@ def gather_tokens(tokens: jax.Array, ids: jax.Array) -> jax.Array:
     """``tokens [batch, n, d]``, ``ids [batch, m]`` -> ``[batch, m, d]`` (per-example gather)."""
     chex.assert_rank([tokens, ids], [3, 2])
     return jnp.take_along_axis(tokens, ids[:, :, None], axis=1)
+
+
+def mask_patch_mask(key: jax.Array, batch: int, image_size: int, mask_patch: int,
+                    model_patch: int, ratio: float) -> jax.Array:
+    """SimMIM's ``MaskGenerator`` per example: ``[batch, (image_size / model_patch)^2]`` bool
+    (True = masked, model patches row-major).
+
+    The image is cut into ``M = (image_size / mask_patch)^2`` mask patches, exactly
+    ``ceil(M * ratio)`` of them are masked (a random subset per example), and each masked mask
+    patch masks the ``(mask_patch / model_patch)^2`` model patches it covers."""
+    if image_size % mask_patch or mask_patch % model_patch:
+        raise ValueError(f"mask patches of {mask_patch} px must tile the {image_size}-px image "
+                         f"and be a multiple of the model's {model_patch}-px patch.")
+    side, scale = image_size // mask_patch, mask_patch // model_patch
+    count = math.ceil(side * side * ratio)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (batch, side * side)), axis=1), axis=1)
+    coarse = (rank < count).reshape(batch, side, side)
+    fine = jnp.repeat(jnp.repeat(coarse, scale, axis=1), scale, axis=2)
+    return fine.reshape(batch, -1)

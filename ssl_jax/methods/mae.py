@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.data import augment, masking
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.methods.ssl_math import patchify, unpatchify
+from ssl_jax.methods.ssl_math import patchify, reconstruction_panels
 from ssl_jax.models.layers import Dense
 from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT, sincos_2d_pos_embed
 from ssl_jax.models.vit_init import dense_init
@@ -181,14 +181,7 @@ class MAE(MethodBase):
             mean = jnp.mean(patches, axis=-1, keepdims=True)  # the true patch's statistics
             std = jnp.sqrt(jnp.var(patches, axis=-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
             pred = pred * std + mean
-        m = mask[:, :, None]
-        to_image = lambda p: augment.denormalize(unpatchify(p, self.patch, self.grid))
-        return {
-            "original": to_image(patches),
-            "masked": jnp.where(unpatchify(jnp.broadcast_to(m, patches.shape), self.patch,
-                                           self.grid) > 0, 0.5, to_image(patches)),
-            "reconstruction": to_image(m * pred + (1 - m) * patches),
-        }
+        return reconstruction_panels(patches, pred, mask, self.patch, self.grid)
 
 
 METHOD = MAE

@@ -10,7 +10,8 @@ Method files import these instead of defining (or importing from another method)
 - contrastive (SimCLR, MoCo v3, CLIP): :func:`nt_xent` and :func:`info_nce`, whose negatives
   come from the **global** batch: under a mesh the projections are all-gathered inside
   ``jax.shard_map``, so the loss is that of the global batch whatever the device count;
-- masked modelling (MAE, SimMIM, BEiT): :func:`patchify`, :func:`unpatchify`;
+- masked modelling (MAE, SimMIM, BEiT): :func:`patchify`, :func:`unpatchify`,
+  :func:`reconstruction_panels` (the evaluation's original | masked | reconstruction picture);
 - networks with non-trained state (BatchNorm): :func:`apply_network`, :func:`split_variables`,
   :func:`apply_network_in_groups` (BatchNorm statistics per group of the batch);
 - collapse indicators: :func:`feature_std`.
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ssl_jax.data import augment
 from ssl_jax.parallel import BATCH_AXES
 
 # --- Teacher-student ----------------------------------------------------------------------------
@@ -284,6 +286,22 @@ def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: 
     rows, cols = grid
     x = patches.reshape(batch, rows, cols, patch, patch, channels)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * patch, cols * patch, channels)
+
+
+def reconstruction_panels(patches: jax.Array, pred: jax.Array, mask: jax.Array, patch: int,
+                          grid: tuple[int, int]) -> dict[str, jax.Array]:
+    """The columns of a pixel-reconstruction picture (MAE, SimMIM), ``[batch, h, w, 3]`` in
+    [0, 1]: the image, the masked input (masked patches grey), and the reconstruction (the
+    predicted masked patches, the visible ones pasted back). ``patches, pred [batch, N, p*p*3]``
+    of normalised images, ``mask [batch, N]`` (1 = masked)."""
+    m = mask.astype(patches.dtype)[:, :, None]
+    to_image = lambda p: augment.denormalize(unpatchify(p, patch, grid))
+    pixel_mask = unpatchify(jnp.broadcast_to(m, patches.shape), patch, grid)
+    return {
+        "original": to_image(patches),
+        "masked": jnp.where(pixel_mask > 0, 0.5, to_image(patches)),
+        "reconstruction": to_image(m * pred + (1 - m) * patches),
+    }
 
 
 # --- Collapse indicators ------------------------------------------------------------------------
