@@ -34,6 +34,9 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
     "moco_v2": _BASIC + ("data=digits,model=vit_ti4",),
     "moco_v3": _BASIC + ("data=imagenet2012,model=resnet50", "data=digits,model=vit_ti4",
                          "data=cifar10,model=vit_ti4", "data=digits,model=vit_ti4,runlocal"),
+    "simmim": _BASIC + ("data=cifar10,model=vit_ti4",),
+    "ibot": _BASIC + ("data=digits,local_crops=2", "data=cifar10,local_crops=0",
+                      "data=imagenet2012,model=vit_b16"),
     "finetune": _BASIC + ("data=imagenet2012,vit=l", "data=imagenet2012,vit=h"),
 }
 # Keys added after the snapshot was last taken (prefixes, per config file); none at present.
