@@ -47,14 +47,8 @@ def get_config(arg=None):
     num_local = data["local_crops"] if arg.local_crops < 0 else arg.local_crops
     global_scale = (0.4, 1.0) if num_local else (0.14, 1.0)
     global_size, local_size = data["global_size"], data["local_size"]
-    dino_view = presets.dino_view
-    config.aug = dict(
-        num_global_crops=2,
-        num_local_crops=num_local,
-        view1=dino_view(size=global_size, crop_scale=global_scale, blur_p=1.0),
-        view2=dino_view(size=global_size, crop_scale=global_scale, blur_p=0.1, solarize_p=0.2),
-        local=dino_view(size=local_size, crop_scale=(0.05, 0.4), blur_p=0.5),
-    )
+    config.aug = presets.dino_multicrop(global_size, global_scale, local_size, (0.05, 0.4),
+                                        num_local)
     # The paper's ImageNet recipe (ViT-S/16 of its code): head 2048-2048-256 to K=65536
     # prototypes, student temperature 0.1, teacher 0.04 -> 0.07 over 30 epochs, centre momentum
     # 0.9, teacher momentum 0.996 -> 1 (cosine).
@@ -99,12 +93,7 @@ def get_config(arg=None):
             _set_model(config, model, drop_path_rate=0.1, depth=4)
         else:
             presets.set_model(config, model, cifar_stem=True, width_multiplier=0.25)
-        for view in (config.aug.view1, config.aug.view2, config.aug.local):
-            view.update(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-                        flip=False)
-        for view in (config.aug.view1, config.aug.view2):
-            view.crop_scale = (0.7, 1.0)
-        config.aug.local.crop_scale = (0.3, 0.6)
+        presets.dino_digits_views(config.aug)
         config.dino.update(out_dim=1024, hidden_dim=512, bottleneck_dim=128, head_bn=True,
                            warmup_teacher_temp=0.04, teacher_temp=0.04,
                            warmup_teacher_temp_epochs=0.0, momentum_teacher=0.99)

@@ -39,15 +39,9 @@ def get_config(arg=None):
     data = DATA[arg.data]
     num_local = data["local_crops"] if arg.local_crops < 0 else arg.local_crops
     global_scale = (0.25, 1.0) if num_local else (0.14, 1.0)
-    dino_view = presets.dino_view  # iBOT's DataAugmentationiBOT is DINO's, with its own scales
-    config.aug = dict(
-        num_global_crops=2,
-        num_local_crops=num_local,
-        view1=dino_view(size=data["global_size"], crop_scale=global_scale, blur_p=1.0),
-        view2=dino_view(size=data["global_size"], crop_scale=global_scale, blur_p=0.1,
-                        solarize_p=0.2),
-        local=dino_view(size=data["local_size"], crop_scale=(0.05, 0.25), blur_p=0.5),
-    )
+    # iBOT's DataAugmentationiBOT is DINO's, with its own scales.
+    config.aug = presets.dino_multicrop(data["global_size"], global_scale, data["local_size"],
+                                        (0.05, 0.25), num_local)
     # The README's ViT-S/16 command over main_ibot.py's defaults: head 2048-2048-256 to K=8192
     # shared by the cls and patch tokens, student temperature 0.1, teacher 0.04 -> 0.07 over 30
     # epochs for both, centre momenta 0.9, teacher momentum 0.996 -> 1, loss weights 1 and 1,
@@ -82,12 +76,7 @@ def get_config(arg=None):
         config.data.num_workers = 2
     else:  # digits: DINO's digits preset with a ViT; a 4x4 grid: blocks >= 1
         presets.set_model(config, model, **vit, **({} if arg.model else {"depth": 4}))
-        for view in (config.aug.view1, config.aug.view2, config.aug.local):
-            view.update(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-                        flip=False)
-        for view in (config.aug.view1, config.aug.view2):
-            view.crop_scale = (0.7, 1.0)
-        config.aug.local.crop_scale = (0.3, 0.6)
+        presets.dino_digits_views(config.aug)
         config.ibot.update(out_dim=1024, patch_out_dim=1024, hidden_dim=512, bottleneck_dim=128,
                            head_bn=True, warmup_teacher_temp=0.04, teacher_temp=0.04,
                            warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.04,

@@ -275,6 +275,31 @@ def dino_view(**overrides: Any) -> ml_collections.ConfigDict:
     return view_config(**{**base, **overrides})
 
 
+def dino_multicrop(global_size: int, global_scale: tuple[float, float], local_size: int,
+                   local_scale: tuple[float, float], num_local: int) -> dict[str, Any]:
+    """``config.aug`` of DINO's multi-crop (and iBOT's): 2 global crops (the first always
+    blurred, the second blurred with p=0.1 and solarized with p=0.2) and ``num_local`` local
+    crops (blurred with p=0.5), all :func:`dino_view`."""
+    return dict(
+        num_global_crops=2,
+        num_local_crops=num_local,
+        view1=dino_view(size=global_size, crop_scale=global_scale, blur_p=1.0),
+        view2=dino_view(size=global_size, crop_scale=global_scale, blur_p=0.1, solarize_p=0.2),
+        local=dino_view(size=local_size, crop_scale=local_scale, blur_p=0.5),
+    )
+
+
+def dino_digits_views(aug: ml_collections.ConfigDict) -> None:
+    """DINO's views on the built-in digits (measured: colour, blur and solarize made every run
+    collapse on the tiny grey images): no colour jitter, grayscale, blur, solarize or flip;
+    global crops of scale 0.7-1, local crops of 0.3-0.6."""
+    for view in (aug.view1, aug.view2, aug.local):
+        view.update(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip=False)
+    for view in (aug.view1, aug.view2):
+        view.crop_scale = (0.7, 1.0)
+    aug.local.crop_scale = (0.3, 0.6)
+
+
 def lightly_cifar10_view(**overrides: Any) -> ml_collections.ConfigDict:
     """The views of lightly's CIFAR-10 benchmark (``SimCLRCollateFunction(input_size=32,
     gaussian_blur=0.)``: crop scale 0.08-1, colour jitter 0.7/0.7/0.7/0.2 with p=0.8, grayscale

@@ -1,8 +1,12 @@
 """Pieces the method tests share: one loss-and-gradient step of a method on a device mesh, the
 comparison of two gradient trees, setting a dotted config key, views without colour (a fraction
-of the compile time), and recording what a method's networks return inside its loss."""
+of the compile time), recording what a method's networks return inside its loss, and a bad
+override refused by the training command before it compiles."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax import methods, parallel, train
+from ssl_jax import cli, methods, parallel, train
+from tests import xla_env
 
 
 def loss_step(method: Any, params: Any, extra: Any, images: np.ndarray, mesh: Any,
@@ -118,3 +123,17 @@ def run_and_resume(config: Any, root: Path, from_step: int = 1) -> tuple[Any, An
                     root / "resumed" / "checkpoints" / str(from_step))
     resumed = train.train(config, str(root / "resumed"))
     return jax.device_get(full), jax.device_get(resumed)
+
+
+def assert_train_refuses(tmp_path: Path, config_arg: str, override: str, message: str) -> None:
+    """``python -m ssl_jax.train --config CONFIG_ARG OVERRIDE`` exits with code 2 (a user error)
+    before compiling or creating the workdir, its last line of stderr containing ``message``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_jax.train", "--config", config_arg,
+         "--workdir", str(tmp_path / "run"), override],
+        capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -5,10 +5,6 @@ the global-batch mean (1 device vs 8 forced CPU devices), a resumed run that res
 centres and the teacher, bad input (exit code 2), and the evaluation (teacher, attention maps)
 and fine-tuning jobs on an iBOT run."""
 
-import os
-import subprocess
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,10 +12,10 @@ import numpy as np
 import pytest
 
 from configs import ibot as ibot_config
-from ssl_jax import cli, finetune, methods, parallel
+from ssl_jax import finetune, methods, parallel
 from ssl_jax.config import ConfigError
-from tests import xla_env
 from tests.method_steps import (
+    assert_train_refuses,
     plain_views,
     record_calls,
     run_and_resume,
@@ -225,12 +221,5 @@ def test_resnet_is_refused():
 
 
 def test_negative_patch_loss_weight_exits_2_before_compiling(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_jax.train", "--config", f"configs/ibot.py:{RUNLOCAL}",
-         "--workdir", str(tmp_path / "run"), "--config.ibot.patch_loss_weight=-1.0"],
-        capture_output=True, text=True, cwd=root, env=env, timeout=300)
-    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr[-2000:]
-    assert "config.ibot.patch_loss_weight" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run").exists()
+    assert_train_refuses(tmp_path, f"configs/ibot.py:{RUNLOCAL}",
+                         "--config.ibot.patch_loss_weight=-1.0", "config.ibot.patch_loss_weight")

@@ -3,10 +3,6 @@ with the global batch's keys in order, wrapping around, the same on 1 device and
 devices, restored bit for bit by a resumed run), shuffled BatchNorm groups against the BN leak,
 no gradient into the key encoder or the queue, evaluation of either encoder, and bad input."""
 
-import os
-import subprocess
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,11 +10,11 @@ import numpy as np
 import pytest
 
 from configs import moco_v2 as moco_config
-from ssl_jax import cli, methods, parallel
+from ssl_jax import methods, parallel
 from ssl_jax.config import ConfigError
 from ssl_jax.methods.ssl_math import l2_normalize
-from tests import xla_env
 from tests.method_steps import (
+    assert_train_refuses,
     plain_views,
     record_calls,
     run_and_resume,
@@ -174,15 +170,8 @@ def test_a_predictor_key_is_refused_naming_it():
 
 
 def test_bad_queue_size_exits_2_before_compiling(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_jax.train", "--config", f"configs/moco_v2.py:{RUNLOCAL}",
-         "--workdir", str(tmp_path / "run"), "--config.moco_v2.queue_size=100"],
-        capture_output=True, text=True, cwd=root, env=env, timeout=300)
-    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr[-2000:]
-    assert "config.moco_v2.queue_size: K=100" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run").exists()
+    assert_train_refuses(tmp_path, f"configs/moco_v2.py:{RUNLOCAL}",
+                         "--config.moco_v2.queue_size=100", "config.moco_v2.queue_size: K=100")
 
 
 def test_queue_starts_as_random_unit_keys():

@@ -4,10 +4,6 @@ reach the encoder, the same step on 1 and 8 devices, bad input (a clear error na
 before compiling, exit code 2), and a run that the evaluation job (MAE's reconstruction picture)
 and the fine-tuning job take without a change."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +11,13 @@ import pytest
 from PIL import Image
 
 from configs import simmim as simmim_config
-from ssl_jax import cli, finetune, methods, parallel, train
+from ssl_jax import finetune, methods, parallel, train
 from ssl_jax.config import ConfigError
 from ssl_jax.data import masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import simmim
 from ssl_jax.methods.ssl_math import patchify
-from tests import xla_env
-from tests.method_steps import set_key, step_on_1_and_8_devices
+from tests.method_steps import assert_train_refuses, set_key, step_on_1_and_8_devices
 
 RUNLOCAL = "data=digits,runlocal"  # 16-px views, ViT-Ti/2 (8x8 grid), 4-px mask patches
 
@@ -127,15 +122,8 @@ def test_resnet_is_refused():
 
 
 def test_bad_mask_patch_exits_2_before_compiling(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_jax.train", "--config", f"configs/simmim.py:{RUNLOCAL}",
-         "--workdir", str(tmp_path / "run"), "--config.simmim.mask_patch_size=6"],
-        capture_output=True, text=True, cwd=root, env=env, timeout=300)
-    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr[-2000:]
-    assert "config.simmim.mask_patch_size" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run").exists()
+    assert_train_refuses(tmp_path, f"configs/simmim.py:{RUNLOCAL}",
+                         "--config.simmim.mask_patch_size=6", "config.simmim.mask_patch_size")
 
 
 def test_train_evaluate_and_finetune_a_simmim_run(tmp_path):
