@@ -65,6 +65,38 @@ def test_fast_conv_matches_flax(kernel, strides, padding, features):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_conv_weight_gradient_summed_over_batch_chunks_is_exact(monkeypatch):
+    """With patches over the byte budget, the weight gradient loops over chunks of the batch
+    (images k, k + m, ...): the same gradients as flax's, on one device and with the batch
+    sharded over 8 (each chunk takes every device's share)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    assert layers._patch_chunks(32, 1) == 1  # within the budget: one chunk
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", 3 * 9 * 8 * 36 * 4)  # 3 images' patches
+    n, shape = 32, (9, 8, 4)
+    assert layers._patch_chunks(n, 9 * 8 * 36 * 4) == 4  # ceil(32 / 3) = 11 -> divisor of 32/8
+    x = jax.random.normal(jax.random.key(0), (n, *shape))
+    kwargs = {"kernel_size": (3, 3), "strides": (1, 1), "padding": ((1, 1), (1, 1)),
+              "use_bias": False}
+    params = nn.Conv(6, **kwargs).init(jax.random.key(1), x)
+
+    def grads(module, x):
+        loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    ref = grads(nn.Conv(6, **kwargs), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda p: jnp.sum(layers.Conv(6, **kwargs).apply(p, x))))(params))
+    assert "scan[" in jaxpr or "while[" in jaxpr  # the chunk loop is there
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    for inputs in (x, sharded):
+        fast = grads(layers.Conv(6, **kwargs), inputs)
+        for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attention_matches_dot_product_attention(with_bias):
     dim, heads, tokens = 24, 3, 9
