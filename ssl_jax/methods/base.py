@@ -12,10 +12,11 @@ overrides what its paper changes::
             ...                                                 # heads, views
 
         def init(self, rng, batch): ...
-        def augment(self, rng, images, image_hw=None): ...  # image_hw: see methods.Method
+        def augment(self, rng, images, image_hw=None): ...  # optional: see below
         def loss(self, params, extra, batch, rng, step): ...
 
-The defaults: ``after_update`` is the identity (no EMA, no schedule), ``encoder_variables`` are
+The defaults: ``augment`` is one normalised view of ``config.aug.view1`` (MAE, SimMIM, the
+dVAE), ``after_update`` is the identity (no EMA, no schedule), ``encoder_variables`` are
 ``params['encoder']`` with the collections at ``extra['encoder']`` (BatchNorm statistics) when
 there are any, and ``encoder_input`` is the normalised image itself.
 """
@@ -31,13 +32,14 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ssl_jax.config import ConfigError
+from ssl_jax.data import augment
 from ssl_jax.models import create_encoder
 
 
 class MethodBase:
     """The protocol's defaults. Subclasses set :attr:`CONFIG_KEYS` (the keys of
     ``config.<method>``, checked here: an unknown or missing key is a ConfigError naming it) and
-    define ``init``, ``augment`` and ``loss``."""
+    define ``init`` and ``loss`` (and ``augment`` when one view of ``aug.view1`` is not it)."""
 
     CONFIG_KEYS: tuple[str, ...] = ()
 
@@ -56,6 +58,12 @@ class MethodBase:
         """The network evaluation restores: by default :func:`build_encoder` of
         ``config.model``."""
         return build_encoder(self.config)
+
+    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
+                ) -> jax.Array:
+        """uint8 ``[batch, h, w, 3]`` -> the normalised view ``config.aug.view1``."""
+        view = augment.augment_view(rng, images, self.config.aug.view1, image_hw)
+        return augment.normalize(view)
 
     def encoder_input(self, images: jax.Array) -> jax.Array:
         """What :attr:`encoder` sees for normalised images ``[batch, h, w, 3]`` (evaluation and

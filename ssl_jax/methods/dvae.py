@@ -182,11 +182,6 @@ class DVAE(MethodBase):
         x = jnp.zeros((n, self.image_size, self.image_size, 3), jnp.float32)  # shapes only
         return {"dvae": self.model.init(rng, x)["params"]}, {}
 
-    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
-                ) -> jax.Array:
-        """uint8 ``[batch, h, w, 3]`` -> the normalised view ``config.aug.view1``."""
-        return augment.normalize(augment.augment_view(rng, images, self.view, image_hw))
-
     def loss(self, params, extra, batch, rng, step):
         k_aug, k_gumbel = jax.random.split(rng)
         images = self.augment(k_aug, batch["image"], batch.get("image_hw"))

@@ -32,7 +32,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from ssl_jax.config import require
-from ssl_jax.data import augment, masking
+from ssl_jax.data import masking
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.methods.ssl_math import patchify, reconstruction_panels
 from ssl_jax.models.layers import Dense
@@ -153,11 +153,6 @@ class MAE(MethodBase):
         tokens = self.encoder.apply(enc, x, train=False, return_tokens=True, ids_keep=ids_keep)
         dec = self.decoder.init(k_dec, tokens, ids_restore)
         return {"encoder": enc["params"], "decoder": dec["params"]}, {}
-
-    def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None
-                ) -> jax.Array:
-        """uint8 ``[batch, h, w, 3]`` -> the normalised view ``config.aug.view1``."""
-        return augment.normalize(augment.augment_view(rng, images, self.view, image_hw))
 
     def loss(self, params, extra, batch, rng, step):
         del step
