@@ -1,0 +1,217 @@
+r"""The peer side of the accuracy comparison: lightly's CIFAR-10 recipe, trained with PyTorch on
+the same images, backbone, batch, number of steps and views as a project run, its backbone
+written as a timm ResNet ``safetensors`` file that the project imports and evaluates with its own
+evaluation job (so both encoders meet the same linear probe and kNN).
+
+    /tmp/peers/bin/python benchmarks/lightly_train.py --run /work/runs/byol_c10 \
+        --data_root $HOME/.cache/ssl_jax/cifar10 --out /tmp/byol_lightly
+
+Runs under the peers' Python (``bash ../shared/peers/setup.sh /tmp/peers``) and never imports
+JAX. ``--run`` is a project run directory: its ``config.json`` gives the method (``byol`` or
+``moco_v2``, the two lightly's CIFAR-10 benchmark has), the batch size, the number of steps
+(``total_steps`` as the run's trainer computed it, or ``--steps``), the ResNet's width and the
+views. The model, loss and optimizer are those of lightly's ``cifar10_benchmark.py``
+(``BYOLModel`` / ``MocoModel``): lightly's ``ResNetGenerator('resnet-18')`` (the CIFAR stem;
+8 split BatchNorm groups with shuffled keys for MoCo), lightly's heads with the run's sizes,
+``NegativeCosineSimilarity`` / ``NTXentLoss`` with a memory bank, momentum 0.99, SGD with
+momentum 0.9, LR 6e-2 x B/128, weight decay 5e-4 and a cosine to zero, here stepped per step
+(the benchmark steps it per epoch) to match the project's schedule. The views are lightly's
+``SimCLRViewTransform`` with the run's ``aug.view1`` / ``aug.view2`` values.
+
+Writes ``OUT/backbone.safetensors`` (timm ``resnet`` key names, running statistics averaged
+over the split groups), ``OUT/model.json`` (the run's model config:
+the project's ResNet of the same shape) and ``OUT/log.jsonl`` (loss
+and seconds per step, data loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+from lightly.models import ResNetGenerator, utils
+from lightly.models.modules import heads
+from lightly.transforms import SimCLRViewTransform
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from safetensors.torch import save_file
+from torch import nn
+
+
+def view_transform(view: dict) -> SimCLRViewTransform:
+    """lightly's SimCLR view with the project view's values (crop, jitter, grey, blur, flip)."""
+    if view.get("solarize_p", 0.0) or view.get("blur_p", 0.0):
+        sys.exit("lightly_train.py: views with blur or solarize are not mapped (use a run whose "
+                 "views have blur_p=0 and solarize_p=0, as the CIFAR-10 presets)")
+    return SimCLRViewTransform(
+        input_size=view["size"], cj_prob=view["color_jitter_p"], cj_strength=view["color_jitter"],
+        cj_bright=view["brightness"], cj_contrast=view["contrast"], cj_sat=view["saturation"],
+        cj_hue=view["hue"], min_scale=view["crop_scale"][0], random_gray_scale=view["grayscale_p"],
+        gaussian_blur=0.0, hf_prob=0.5 if view["flip"] else 0.0)
+
+
+def backbone(width: float, num_splits: int) -> nn.Module:
+    """lightly's CIFAR ResNet-18 (3x3 stem, no max-pool), pooled features out (its classifier
+    replaced by the identity: its forward pools the last stage and flattens)."""
+    resnet = ResNetGenerator("resnet-18", width=width, num_splits=num_splits)
+    resnet.linear = nn.Identity()
+    return resnet
+
+
+class BYOL(nn.Module):
+    """lightly's ``BYOLModel``: 0.5 (-cos(p0, z1) - cos(p1, z0)), momentum 0.99."""
+
+    def __init__(self, cfg: dict, width: float, dim: int):
+        super().__init__()
+        self.backbone = backbone(width, 0)
+        self.projection_head = heads.BYOLProjectionHead(dim, cfg["proj_hidden_dim"],
+                                                        cfg["proj_out_dim"])
+        self.prediction_head = heads.BYOLPredictionHead(cfg["proj_out_dim"],
+                                                        cfg["pred_hidden_dim"],
+                                                        cfg["proj_out_dim"])
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def trained(self) -> list[nn.Parameter]:
+        return [*self.backbone.parameters(), *self.projection_head.parameters(),
+                *self.prediction_head.parameters()]
+
+    def loss(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        utils.update_momentum(self.backbone, self.backbone_momentum, m=0.99)
+        utils.update_momentum(self.projection_head, self.projection_head_momentum, m=0.99)
+        p0, p1 = (self.prediction_head(self.projection_head(self.backbone(x)))
+                  for x in (x0, x1))
+        with torch.no_grad():
+            z0, z1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+
+
+class MoCo(nn.Module):
+    """lightly's ``MocoModel``: split BatchNorm (8 groups), shuffled keys, symmetric NT-Xent
+    against a memory bank, momentum 0.99."""
+
+    def __init__(self, cfg: dict, width: float, dim: int):
+        super().__init__()
+        self.backbone = backbone(width, 8)
+        self.projection_head = heads.MoCoProjectionHead(dim, cfg["proj_hidden_dim"],
+                                                        cfg["proj_out_dim"])
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NTXentLoss(temperature=cfg["temperature"],
+                                    memory_bank_size=(cfg["queue_size"], cfg["proj_out_dim"]))
+
+    def trained(self) -> list[nn.Parameter]:
+        return [*self.backbone.parameters(), *self.projection_head.parameters()]
+
+    def _pair(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, shuffle = utils.batch_shuffle(k)
+        q = self.projection_head(self.backbone(q))
+        with torch.no_grad():
+            k = self.projection_head_momentum(self.backbone_momentum(k))
+        return q, utils.batch_unshuffle(k, shuffle)
+
+    def loss(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        utils.update_momentum(self.backbone, self.backbone_momentum, 0.99)
+        utils.update_momentum(self.projection_head, self.projection_head_momentum, 0.99)
+        return 0.5 * (self.criterion(*self._pair(x0, x1)) + self.criterion(*self._pair(x1, x0)))
+
+
+MODELS = {"byol": BYOL, "moco_v2": MoCo}
+
+
+def timm_state_dict(net: nn.Module, num_splits: int) -> dict[str, torch.Tensor]:
+    """lightly's ResNet keys -> timm ``resnet`` keys (``shortcut`` -> ``downsample``); split
+    BatchNorm statistics averaged over their groups (what lightly's eval mode uses)."""
+    out = {}
+    for key, value in net.state_dict().items():
+        if key.startswith("linear"):
+            continue
+        parts = key.split(".")
+        if key.startswith("layer"):
+            key = ".".join(parts[:2] + ["downsample"] + parts[3:]) if parts[2] == "shortcut" \
+                else key
+        if key.endswith(("running_mean", "running_var")) and num_splits:
+            value = value.view(num_splits, -1).mean(0)
+        out[key] = value.detach().contiguous().clone()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="project run directory (its config.json)")
+    parser.add_argument("--data_root", required=True, help="image folders: ROOT/train/CLASS/*")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=0, help="0: the run's total steps")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with open(os.path.join(args.run, "config.json")) as f:
+        config = json.load(f, object_hook=lambda d: d.get("__tuple__", d))
+    method = config["method"]
+    if method not in MODELS:
+        sys.exit(f"lightly_train.py: method {method!r} has no lightly CIFAR-10 recipe here; "
+                 f"choose a run of {', '.join(MODELS)}")
+    if os.path.exists(os.path.join(args.out, "backbone.safetensors")):
+        sys.exit(f"lightly_train.py: {args.out}/backbone.safetensors exists; choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(config.get("seed", 0))
+    batch = config["batch_size"]
+    steps_per_epoch = 50000 // batch
+    steps = args.steps or int(round(config["num_epochs"] * steps_per_epoch))
+    width = config["model"].get("width_multiplier", 1.0)
+    dim = int(512 * width)
+    model = MODELS[method](config[method], width, dim)
+    transform = MultiViewTransform([view_transform(config["aug"]["view1"]),
+                                    view_transform(config["aug"]["view2"])])
+    data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=2, persistent_workers=True)
+    lr = 6e-2 * batch / 128
+    optim = torch.optim.SGD(model.trained(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    times, step = [], 0
+    with open(os.path.join(args.out, "log.jsonl"), "w") as log:
+        while step < steps:
+            for (x0, x1), _ in loader:
+                for group in optim.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                start = time.perf_counter()
+                loss = model.loss(x0, x1)
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+                times.append(time.perf_counter() - start)
+                step += 1
+                if step % 25 == 0 or step == steps:
+                    log.write(json.dumps({"step": step, "loss": loss.item(),
+                                          "step_s": times[-1]}) + "\n")
+                    log.flush()
+                    print(f"step {step}/{steps} loss {loss.item():.4f} "
+                          f"{statistics.median(times[-25:]):.3f} s/step", flush=True)
+                if step == steps:
+                    break
+    model.eval()
+    save_file(timm_state_dict(model.backbone, 8 if method == "moco_v2" else 0),
+              os.path.join(args.out, "backbone.safetensors"))
+    with open(os.path.join(args.out, "model.json"), "w") as f:
+        json.dump({"keys": "timm/torchvision resnet", "model": config["model"], "method": method,
+                   "steps": steps, "batch_size": batch,
+                   "median_step_s": statistics.median(times)}, f, indent=1)
+    print(json.dumps({"method": method, "steps": steps,
+                      "median_step_s": round(statistics.median(times), 4)}))
+
+
+if __name__ == "__main__":
+    main()
