@@ -1,6 +1,10 @@
 """Rotation (RotNet): every label names the rotation its pixels went through, the loss is the
 cross-entropy of a NumPy transcription (a ViT encoder), the global batch's step (1 device vs 8
-forced CPU devices, a ResNet), and bad input is named before compiling."""
+forced CPU devices, a ResNet), bad input is named before compiling, and docs/new_method.md shows
+these files as they are."""
+
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ from ssl_jax.methods.pretext import classification_loss
 from tests.method_steps import record_calls, set_key, step_on_1_and_8_devices
 
 RUNLOCAL = "data=digits,runlocal"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(arg=RUNLOCAL, **changes):
@@ -91,3 +96,12 @@ def test_bad_config_named_before_compile(key, value, match):
     changes = {key: value, **({"rotation.head_layers": 2} if "hidden" in key else {})}
     with pytest.raises(ConfigError, match=match):
         methods.create(_config(**changes), parallel.make_mesh())
+
+
+def test_the_newcomer_guide_shows_these_files():
+    """docs/new_method.md walks through this method: its code blocks are these very files."""
+    fence = "`" * 3
+    text = (REPO / "docs" / "new_method.md").read_text()
+    blocks = re.findall(fence + r"python\n(.*?)" + fence, text, re.S)
+    for path in ("ssl_jax/methods/rotation.py", "configs/rotation.py", "tests/test_rotation.py"):
+        assert (REPO / path).read_text() in blocks, f"docs/new_method.md: update its copy of {path}"
