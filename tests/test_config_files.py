@@ -38,6 +38,9 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
     "ibot": _BASIC + ("data=digits,local_crops=2", "data=cifar10,local_crops=0",
                       "data=imagenet2012,model=vit_b16"),
     "finetune": _BASIC + ("data=imagenet2012,vit=l", "data=imagenet2012,vit=h"),
+    "rotation": _BASIC + ("data=digits,model=vit_ti4",),
+    "context": _BASIC + ("data=cifar10,colour=project", "data=digits,model=vit_ti4,runlocal"),
+    "jigsaw": _BASIC + ("data=digits,model=vit_ti4,runlocal",),
 }
 # Keys added after the snapshot was last taken (prefixes, per config file); none at present.
 ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {}

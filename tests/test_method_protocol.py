@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import pytest
 
 from configs import byol as byol_config
+from configs import context as context_config
 from configs import dino as dino_config
 from configs import ibot as ibot_config
+from configs import jigsaw as jigsaw_config
 from configs import mae as mae_config
 from configs import moco_v2 as moco_v2_config
 from configs import moco_v3 as moco_v3_config
+from configs import rotation as rotation_config
 from configs import simclr as simclr_config
 from configs import simmim as simmim_config
 from ssl_jax import methods
@@ -20,7 +23,10 @@ METHOD_CONFIGS = [(simclr_config, "data=digits,runlocal"), (dino_config, "data=d
                   (mae_config, "data=digits,runlocal"), (byol_config, "data=digits,runlocal"),
                   (moco_v2_config, "data=digits,runlocal"),
                   (moco_v3_config, "data=digits,runlocal"),
-                  (simmim_config, "data=digits,runlocal"), (ibot_config, "data=digits,runlocal")]
+                  (simmim_config, "data=digits,runlocal"), (ibot_config, "data=digits,runlocal"),
+                  (rotation_config, "data=digits,runlocal"),
+                  (context_config, "data=digits,runlocal"),
+                  (jigsaw_config, "data=digits,runlocal")]
 
 
 @pytest.mark.parametrize("module,arg", METHOD_CONFIGS)
