@@ -34,7 +34,11 @@ MOMENTUM = 0.9
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """``config.online_probe``: its keys and their ranges, a ConfigError naming a bad one."""
+    """``config.online_probe``: its keys and their ranges, a ConfigError naming a bad one. A
+    config written before the block existed (a run's old ``config.json`` given to the trainer
+    as it is) has no probe."""
+    if "online_probe" not in config:
+        return
     cfg = config.online_probe
     unknown = sorted(set(cfg.keys()) - set(CONFIG_KEYS))
     require(not unknown, f"online_probe.{unknown[0] if unknown else ''}",
@@ -94,5 +98,7 @@ class OnlineProbe:
 
 def create(config: ml_collections.ConfigDict, method: Any, total_steps: int
            ) -> OnlineProbe | None:
-    """The run's probe, or None when ``online_probe.enabled`` is off."""
-    return OnlineProbe(config, method, total_steps) if config.online_probe.enabled else None
+    """The run's probe, or None when ``online_probe.enabled`` is off (or the config has no
+    ``online_probe`` block: see :func:`check_config`)."""
+    enabled = "online_probe" in config and config.online_probe.enabled
+    return OnlineProbe(config, method, total_steps) if enabled else None
