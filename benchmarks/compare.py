@@ -3,10 +3,14 @@ r"""A/B of the train step under different XLA flags or code versions, interleave
     python -m benchmarks.compare --config configs/mae.py:data=cifar10 --batch_size=64 \
         --variant base= --variant onednn=--xla_cpu_use_onednn=true \
         [--variant old=@/path/to/another/checkout] [--rounds=5 --steps=3]
+    python -m benchmarks.compare --config configs/simclr.py:data=digits \
+        --set online_probe.num_classes=10 --variant off= --variant probe= \
+        --variant_set probe:online_probe.enabled=true     # a config change as a variant
 
 Each ``--variant NAME=XLA_FLAGS[@CHECKOUT]`` runs in its own persistent process (XLA flags are
 read once per process) with ``XLA_FLAGS`` set and, with ``@CHECKOUT``, the project imported from
-that directory (e.g. a ``git worktree`` of another commit). Every process builds the trainer's
+that directory (e.g. a ``git worktree`` of another commit); ``--variant_set NAME:KEY=JSON``
+overrides a config key in that variant only (``--set``: in all). Every process builds the trainer's
 step (``benchmarks.throughput.StepBench``) and measures its own matmul peak; then the variants
 take turns, ``--steps`` steps each per round, the order rotating, so that a shared machine's
 load falls on all of them alike. Reported: median step time, its ratio to the first variant's
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="config override, value as JSON, e.g. model.depth=12")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS[@DIR]")
+    parser.add_argument("--variant_set", action="append", default=[], metavar="NAME:KEY=JSON",
+                        help="config override of one variant, e.g. probe:online_probe.enabled=true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -104,7 +110,17 @@ def main() -> None:
         overrides["batch_size"] = args.batch_size
     spec = {"config": args.config, "overrides": overrides, "model": args.model,
             "warmup": args.warmup}
-    variants = [Variant(text, spec) for text in args.variant]
+    own: dict[str, dict] = {}
+    for item in args.variant_set:
+        name, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        own.setdefault(name, {})[key] = json.loads(value)
+    names = {text.partition("=")[0] for text in args.variant}
+    if set(own) - names:
+        parser.error(f"--variant_set names unknown variants {sorted(set(own) - names)}")
+    variants = [Variant(text, {**spec, "overrides": {**overrides,
+                                                     **own.get(text.partition("=")[0], {})}})
+                for text in args.variant]
     ratios: dict[str, list[float]] = {v.name: [] for v in variants}
     try:
         for r in range(args.rounds):
@@ -125,6 +141,7 @@ def main() -> None:
     for v in variants:
         step = statistics.median(v.times)
         row = {"variant": v.name, "flags": v.flags, "checkout": v.checkout,
+               "config": own.get(v.name, {}),
                "step_ms": 1e3 * step, "cpu_ms": 1e3 * statistics.median(v.cpu),
                "cpu_ratio_to_first": statistics.median(v.cpu) / statistics.median(variants[0].cpu),
                "ratio_to_first": statistics.median(ratios[v.name]),

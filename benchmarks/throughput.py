@@ -109,7 +109,8 @@ class StepBench:
         init_rng, step_rng = jax.random.split(jax.random.key(seed))
         self.state = jax.jit(setup.init_state, out_shardings=setup.shardings)(init_rng)
         jitted = jax.jit(
-            make_train_step(method, setup.tx, setup.schedule, step_rng, config.on_nonfinite),
+            make_train_step(method, setup.tx, setup.schedule, step_rng, config.on_nonfinite,
+                            setup.probe),
             in_shardings=(setup.shardings, parallel.batch_sharding(mesh)),
             out_shardings=(setup.shardings, parallel.replicated(mesh)),
             donate_argnums=(0,) if donate else (),

@@ -176,6 +176,17 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("eval.protocol_base_lr", 0.0, "issue 19 2026-12-04"),
     ("eval.n_last_blocks", 0, "issue 19 2026-12-04"),
     ("eval.avgpool_patchtokens", False, "issue 19 2026-12-04"),
+    ("eval.kmeans", True, "issue 24 2026-12-04"),
+    ("eval.kmeans_k", 0, "issue 24 2026-12-04"),
+    ("eval.kmeans_n_init", 10, "issue 24 2026-12-04"),
+    ("eval.tsne_points", 1000, "issue 24 2026-12-04"),
+    ("eval.tsne_perplexity", 30.0, "issue 24 2026-12-04"),
+    ("eval.data", "", "issue 24 2026-12-04"),
+    ("eval.data_root", "", "issue 24 2026-12-04"),
+    ("eval.export_features", "", "issue 24 2026-12-04"),
+    ("eval.export_overwrite", False, "issue 24 2026-12-04"),
+    ("online_probe", {"enabled": False, "base_lr": 0.1, "num_classes": 0},
+     "issue 24 2026-12-04"),
 )
 
 

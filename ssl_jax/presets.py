@@ -68,11 +68,14 @@ def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     config.aug = dict(view1=view_config(size=crop), view2=view_config(size=crop))
     config.optim = optim_config()
     config.eval = eval_config()
+    # The online linear probe (ssl_jax/online_probe.py): off, as it costs more than 5% of a step.
+    config.online_probe = dict(enabled=False, base_lr=0.1, num_classes=0)
     if data == "imagenet2012":  # the run cadence of a large dataset, whatever the method
         config.data.train_region = "whole"  # crops from the whole image, as torchvision's
         config.log_every = 100
         config.checkpoint.update(every_steps=2500, keep_every=25000)
         config.eval.batch_size = 1024
+        config.eval.kmeans_n_init = 1  # 1000 clusters of 50,000 test features
         config.data.num_workers = 16
     return config
 
@@ -99,6 +102,15 @@ def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
             protocol_base_lr=0.0,  # > 0 replaces its base LR (x B/256; dino 1e-3, mae 0.1)
             n_last_blocks=0,  # > 0 replaces the ViT blocks whose cls tokens are concatenated
             avgpool_patchtokens=False,  # 'dino': also the last block's mean patch token
+            kmeans=True,  # k-means on the test features: NMI, ARI, cluster accuracy
+            kmeans_k=0,  # clusters; 0: the number of classes
+            kmeans_n_init=10,  # k-means restarts (the best inertia kept)
+            tsne_points=1000,  # test points in the t-SNE picture (0: no picture)
+            tsne_perplexity=30.0,
+            data="",  # '': the run's dataset; else transfer: e.g. 'digits', 'cifar10', 'folder'
+            data_root="",  # the image folder of eval.data ('folder', or a dataset stored so)
+            export_features="",  # a .npz path: the train/test features and labels are saved
+            export_overwrite=False,  # replace an existing export_features file
         )
     )
     cfg.update(overrides)
@@ -134,6 +146,9 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.max_train_examples = 256
     config.eval.max_test_examples = 128
     config.eval.probe_epochs = 10
+    config.eval.kmeans_n_init = 2
+    config.eval.tsne_points = 64
+    config.eval.tsne_perplexity = 10.0
     name = config.model.name
     if name.startswith("resnet"):
         set_model(config, "resnet18", width_multiplier=0.125, cifar_stem=True)

@@ -39,7 +39,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from ssl_jax import allocator, faults, flops, loop, methods, parallel
+from ssl_jax import allocator, faults, flops, loop, methods, online_probe, parallel
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax.config import require
 from ssl_jax.data import pipeline
@@ -57,6 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     require(config.log_every > 0, "log_every", "must be > 0")
     require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     require(config.on_nonfinite in ("skip", "stop"), "on_nonfinite", "must be 'skip' or 'stop'")
+    online_probe.check_config(config)
 
 
 def train(
@@ -121,7 +122,7 @@ def _train(
 
     # --- The step -------------------------------------------------------------------------------
     step_fn = flops.CountedStep(jax.jit(  # compiled at the first call; knows its FLOPs
-        make_train_step(method, tx, schedule, step_rng, config.on_nonfinite),
+        make_train_step(method, tx, schedule, step_rng, config.on_nonfinite, setup.probe),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),

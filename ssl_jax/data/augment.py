@@ -402,6 +402,35 @@ def to_float_image(images: Array) -> Array:
     return images.astype(jnp.float32)
 
 
+# Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to
+# the training crop size when the two differ.
+CENTRE_CROP_FRACTION = 0.875
+
+
+def eval_view(images: Array, crop_size: int, image_hw: Array | None = None) -> Array:
+    """``[batch, s, s, 3]`` uint8 -> normalised ``[batch, crop, crop, 3]``: a centre crop of
+    :data:`CENTRE_CROP_FRACTION` when the decoded image is larger than the crop, then resize.
+    The view of evaluation, fine-tuning's test and the online probe: no randomness.
+    ``image_hw`` (int32 ``[batch, 2]``, training data with ``train_region='whole'``): the size
+    of each image's content at the top left of its canvas, whose centre square is used."""
+    x = to_float_image(images)
+    if image_hw is not None:
+        hw = image_hw.astype(jnp.float32)
+        side = jnp.minimum(hw[:, 0], hw[:, 1])
+        keep = jnp.where(side > crop_size,
+                         jnp.maximum(jnp.round(side * CENTRE_CROP_FRACTION), crop_size), side)
+        boxes = jnp.stack([(hw[:, 0] - keep) / 2, (hw[:, 1] - keep) / 2, keep, keep], axis=-1)
+        return normalize(jax.vmap(resized_crop, (0, 0, None))(x, boxes, crop_size))
+    side = x.shape[1]
+    if side > crop_size:
+        keep = max(int(round(side * CENTRE_CROP_FRACTION)), crop_size)
+        start = (side - keep) // 2
+        x = x[:, start : start + keep, start : start + keep]
+    if x.shape[1] != crop_size:
+        x = jax.image.resize(x, (x.shape[0], crop_size, crop_size, 3), "bilinear")
+    return normalize(x)
+
+
 def augment_view(key: Array, images: Array, cfg: Any, image_hw: Array | None = None) -> Array:
     """One augmented view of a batch: crop, flip, colour jitter, grayscale, blur, solarize.
 

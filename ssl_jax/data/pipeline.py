@@ -60,7 +60,7 @@ import chex
 import grain
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from ssl_jax.data import sources
@@ -293,6 +293,19 @@ def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
     return batch_size // process_count
 
 
+def prefetch_in_workers(ds: grain.IterDataset, num_workers: int, prefetch: int
+                        ) -> grain.IterDataset:
+    """``ds`` read by ``num_workers`` Grain worker processes (0: ``ds`` itself). Grain reads its
+    absl flags when it starts them: flags a caller has not parsed (a plain script, a notebook)
+    are marked parsed with their defaults first, so no caller needs ``absl.app.run``."""
+    if num_workers <= 0:
+        return ds
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=prefetch))
+
+
 def read_options(data_cfg: ml_collections.ConfigDict, local_batch: int) -> grain.ReadOptions:
     """Grain's reading of this process (or worker): ``data.read_threads`` threads, two batches
     read ahead."""
@@ -411,10 +424,7 @@ class _TrainDataset(grain.IterDataset):
                    .map(self._decoded.__getitem__))
         ds = records.to_iter_dataset(self._read_options).batch(self._local_batch,
                                                               drop_remainder=True)
-        if self._workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self._workers, per_worker_buffer_size=self._prefetch))
-        return ds
+        return prefetch_in_workers(ds, self._workers, self._prefetch)
 
     def __iter__(self) -> TrainIterator:
         return TrainIterator(self.from_position, self.layout, self._workers)
@@ -449,10 +459,7 @@ def eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
     if stop > start:
         ds = grain.MapDataset.source(DecodedSource(source, fields, with_mask=True))[start:stop]
         it = ds.to_iter_dataset(read_options(data_cfg, local_batch))
-        if data_cfg.num_workers > 0:
-            it = it.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=data_cfg.num_workers,
-                per_worker_buffer_size=data_cfg.prefetch))
+        it = prefetch_in_workers(it, data_cfg.num_workers, data_cfg.prefetch)
         batches = iter(it.batch(local_batch, drop_remainder=False))
 
     def generate() -> Iterator[dict[str, np.ndarray]]:

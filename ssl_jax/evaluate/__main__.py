@@ -15,6 +15,16 @@ encoder is a ViT it also writes ``DIR/attention_step{N}.png``: the last block's 
 attention of every head for a few test images (``ssl_jax.evaluate.pictures``). A visual tokenizer
 (the dVAE) also gets its hard-code reconstruction error and code usage on the test split and
 ``DIR/token_usage_step{N}.png`` (``ssl_jax.evaluate.tokenizer``).
+
+More views of the same features (``ssl_jax.evaluate.clustering``): k-means on the test features
+(``eval.kmeans``, k = the classes or ``eval.kmeans_k``) scored by NMI, ARI and cluster accuracy,
+and ``DIR/tsne_step{N}.png``, a t-SNE map of ``eval.tsne_points`` test features coloured by class,
+one panel per encoder (0 points: none). ``--config.eval.export_features=PATH.npz`` saves the
+run's encoder's features and labels of the whole train and test splits (an existing file is
+refused unless ``--config.eval.export_overwrite=true``). ``--config.eval.data=NAME`` evaluates
+the encoder on another dataset than it was trained on (transfer; ``eval.data_root`` for an
+image folder): every view then reads that dataset, the results go to ``eval.json`` under
+``step_{N}_{NAME}`` and the pictures are named ``..._{NAME}_step{N}.png``.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from ssl_jax import config as config_lib
 from ssl_jax import methods, metrics, parallel
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import pipeline
+from ssl_jax.evaluate import clustering, frozen
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import knn_top1
 from ssl_jax.evaluate.linear_probe import NORMALIZE_MODES, linear_probe
@@ -48,15 +59,24 @@ _OVERRIDES: list[str] = []
 _STATE_NEUTRAL = ("eval.", "data.", "seed=", "mesh.", "sharding_rules=")
 
 
-def evaluate_encoder(method, variables, config, mesh, seed: int) -> dict[str, Any]:
-    """Linear-probe and kNN top-1 of ``method``'s encoder on the run's train/test splits (the
-    encoder sees ``method.encoder_input`` of the images)."""
+def evaluate_encoder(method, variables, config, mesh, seed: int,
+                     export: str = "") -> dict[str, Any]:
+    """Linear-probe and kNN top-1, k-means scores and the t-SNE map (key ``tsne``, popped by
+    :func:`evaluate`) of ``method``'s encoder on ``config.data``'s train/test splits (the encoder
+    sees ``method.encoder_input`` of the images). ``export``: a ``.npz`` path where the whole
+    splits' features and labels are saved first."""
     ev = config.eval
     start = time.perf_counter()
     train_x, train_y = features_lib.extract_features(
         method.encoder, variables, config, config.data.train_split, mesh, method.encoder_input)
     test_x, test_y = features_lib.extract_features(
         method.encoder, variables, config, config.data.test_split, mesh, method.encoder_input)
+    if export and parallel.is_main_process():
+        frozen.save_features(export, {
+            "train_features": train_x, "train_labels": train_y, "test_features": test_x,
+            "test_labels": test_y, "method": config.method, "model": config.model.name,
+            "data": config.data.name}, overwrite=ev.export_overwrite)
+        logging.info("wrote the features to %s", export)
     train_x, train_y = features_lib.subsample(train_x, train_y, ev.max_train_examples, seed)
     test_x, test_y = features_lib.subsample(test_x, test_y, ev.max_test_examples, seed + 1)
     extract_s = time.perf_counter() - start
@@ -69,6 +89,13 @@ def evaluate_encoder(method, variables, config, mesh, seed: int) -> dict[str, An
                    temperature=ev.knn_temperature)
     protocol = (train_protocol_probe(method, variables, config, mesh)
                 if ev.get("protocol", "fast") != "fast" else None)
+    views: dict[str, Any] = {}
+    if ev.kmeans:
+        views["kmeans"] = clustering.kmeans_scores(test_x, test_y, ev.kmeans_k or num_classes,
+                                                   seed, ev.kmeans_n_init)
+    if ev.tsne_points:
+        x, y = features_lib.subsample(test_x, test_y, ev.tsne_points, seed + 2)
+        views["tsne"] = (clustering.tsne_points(x, ev.tsne_perplexity, seed), y)
     return {
         **({"protocol": protocol} if protocol else {}),
         "linear_top1": probe["test_top1"],
@@ -76,6 +103,7 @@ def evaluate_encoder(method, variables, config, mesh, seed: int) -> dict[str, An
         "linear_best_lr": probe["best_learning_rate"],
         "linear_best_wd": probe["best_weight_decay"],
         "knn_top1": knn,
+        **views,
         "num_train": int(len(train_y)),
         "num_test": int(len(test_y)),
         "feature_dim": int(train_x.shape[1]),
@@ -102,6 +130,34 @@ def check_eval_config(config: ml_collections.ConfigDict, mesh: Any) -> None:
         require(ev.get(key, 0) >= 0, f"eval.{key}", "must be >= 0 (0: none, all or the default)")
     require(ev.get("protocol", "fast") in PROTOCOLS, "eval.protocol",
             f"must be one of {', '.join(PROTOCOLS)} (ssl_jax/evaluate/protocols.py)")
+    require(ev.kmeans_k >= 0, "eval.kmeans_k", "must be >= 0 (0: the number of classes)")
+    require(ev.kmeans_n_init >= 1, "eval.kmeans_n_init", "must be >= 1")
+    require(ev.tsne_points >= 0, "eval.tsne_points", "must be >= 0 (0: no t-SNE picture)")
+    require(ev.tsne_perplexity > 0, "eval.tsne_perplexity", "must be > 0")
+
+
+def check_eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data the encoder is evaluated on (the run's, or ``eval.data``'s for transfer), with
+    the views' sizes checked against its test split: k-means' k and t-SNE's perplexity must fit
+    the test examples evaluated. Reads only the data's listing."""
+    ev = config.eval
+    data = (frozen.transfer_data_config(config, ev.data, ev.data_root) if ev.data
+            else config.data)
+    num_test = pipeline.num_examples(data, data.test_split)
+    if ev.max_test_examples:
+        num_test = min(num_test, ev.max_test_examples)
+    if ev.kmeans:
+        k = ev.kmeans_k or pipeline.num_classes(data)
+        require(k <= num_test, "eval.kmeans_k",
+                f"k-means with {k} clusters{'' if ev.kmeans_k else ' (the classes)'} needs at "
+                f"least {k} test examples, and {num_test} are evaluated: lower eval.kmeans_k "
+                "or raise eval.max_test_examples (or --config.eval.kmeans=false)")
+    if ev.tsne_points:
+        points = min(ev.tsne_points, num_test)
+        require(ev.tsne_perplexity < points, "eval.tsne_perplexity",
+                f"must be below the {points} points of the t-SNE picture (eval.tsne_points, "
+                "the test examples): lower it or raise eval.tsne_points")
+    return data
 
 
 def _state_shapes(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
@@ -153,41 +209,82 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     mesh = parallel.make_mesh(config.mesh.fsdp)
     check_eval_config(config, mesh)
     check_overrides_fit_run(run, config, list(overrides), mesh, str(workdir / "config.json"))
+    data = check_eval_data(config)
+    export = (str(frozen.check_export_target(config.eval.export_features,
+                                             config.eval.export_overwrite))
+              if config.eval.export_features else "")
     method, state, step = features_lib.restore_state(workdir, config, mesh, config.eval.step)
     variables = method.encoder_variables(state["params"], state["extra"])
-    logging.info("evaluating %s at step %d", workdir, step)
+    trained_on = config.data.name
+    if config.eval.data:  # transfer: every view below reads the other dataset
+        config = frozen.with_data(config, data)
+    logging.info("evaluating %s at step %d on %s", workdir, step, config.data.name)
     results = {"step": int(step), "method": config.method, "model": config.model.name,
-               "data": config.data.name, "eval_config": config.eval.to_dict()}
-    results["ssl"] = evaluate_encoder(method, variables, config, mesh, config.seed)
-    if isinstance(method.encoder, ViT):
-        picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
-                                           config.eval.attention_images)
-        if picture:
-            results["attention_picture"] = picture
-            logging.info("wrote attention maps to %s", picture)
-    picture = write_method_pictures(method, state, config, mesh, workdir, step,
-                                    config.eval.attention_images)
-    if picture:
-        results["reconstruction_picture"] = picture
-        logging.info("wrote reconstructions to %s", picture)
-    tokens = evaluate_tokenizer(method, state["params"], config, mesh, workdir, step)
-    if tokens:
-        results["tokenizer"] = tokens
-        logging.info("wrote token usage to %s", tokens["token_usage_picture"])
+               "data": config.data.name, "trained_on": trained_on,
+               "eval_config": config.eval.to_dict()}
+    results["ssl"] = evaluate_encoder(method, variables, config, mesh, config.seed, export)
+    if export:
+        results["features_file"] = export
+    if not config.eval.data:  # the run's own pictures, of its own data
+        results.update(write_run_pictures(method, state, variables, config, mesh, workdir, step))
     if config.eval.random_init_baseline:
         rnd_method, rnd_vars = features_lib.random_encoder(config, mesh, config.seed + 1)
         results["random_init"] = evaluate_encoder(
             rnd_method, rnd_vars, config, mesh, config.seed)
+    picture = write_tsne(results, workdir)
+    if picture:
+        results["tsne_picture"] = picture
+        logging.info("wrote the t-SNE map to %s", picture)
     if parallel.is_main_process():
         print(format_table(results), flush=True)
         try:
+            transfer = "" if results["data"] == trained_on else f"_{results['data']}"
             metrics.update_results(workdir / "eval.json",
-                                   {f"step_{results['step']}": results, "latest": results})
+                                   {f"step_{results['step']}{transfer}": results,
+                                    f"latest{transfer}": results})
         except OSError:  # the job's work is not lost with the file: it goes to the log
             logging.error("could not write %s; this evaluation's results:\n%s",
                           workdir / "eval.json", json.dumps(results, indent=2, default=str))
             raise
     return results
+
+
+def write_run_pictures(method, state, variables, config, mesh, workdir, step: int
+                       ) -> dict[str, Any]:
+    """The attention maps of a ViT, the method's own pictures and a tokenizer's evaluation:
+    what each wrote, by results key."""
+    out: dict[str, Any] = {}
+    if isinstance(method.encoder, ViT):
+        picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
+                                           config.eval.attention_images)
+        if picture:
+            out["attention_picture"] = picture
+            logging.info("wrote attention maps to %s", picture)
+    picture = write_method_pictures(method, state, config, mesh, workdir, step,
+                                    config.eval.attention_images)
+    if picture:
+        out["reconstruction_picture"] = picture
+        logging.info("wrote reconstructions to %s", picture)
+    tokens = evaluate_tokenizer(method, state["params"], config, mesh, workdir, step)
+    if tokens:
+        out["tokenizer"] = tokens
+        logging.info("wrote token usage to %s", tokens["token_usage_picture"])
+    return out
+
+
+def write_tsne(results: dict[str, Any], workdir: Any) -> str:
+    """``DIR/tsne_step{N}.png`` (``tsne_{data}_step{N}.png`` for a transfer dataset): one
+    panel per evaluated encoder; the maps leave ``results`` (only the path stays)."""
+    panels = []
+    for key, label in (("ssl", f"{results['method']} step {results['step']}"),
+                       ("random_init", "random init")):
+        if "tsne" in results.get(key, {}):
+            points, labels = results[key].pop("tsne")
+            panels.append((f"{label} ({results['data']} test)", points, labels))
+    if not panels or not parallel.is_main_process():
+        return ""
+    name = "" if results["data"] == results["trained_on"] else f"_{results['data']}"
+    return clustering.write_scatter(panels, workdir / f"tsne{name}_step{results['step']}.png")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -201,10 +298,19 @@ def format_table(results: dict[str, Any]) -> str:
             rows.append((label, f"{100 * r['linear_top1']:.2f}%", f"{100 * r['knn_top1']:.2f}%")
                         + ((f"{100 * r['protocol']['top1']:.2f}%",) if protocol else ()))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{results['model']} on {results['data']} "
+    transfer = (f", trained on {results['trained_on']}"
+                if results.get("trained_on", results["data"]) != results["data"] else "")
+    lines = [f"{results['model']} on {results['data']}{transfer} "
              f"(train {results['ssl']['num_train']}, test {results['ssl']['num_test']})"]
     lines += ["  " + f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>10}"
               + (f"  {r[3]:>14}" if len(r) > 3 else "") for r in rows]
+    for key, label in (("ssl", f"{results['method']} step {results['step']}"),
+                       ("random_init", "random init")):
+        if "kmeans" in results.get(key, {}):
+            km = results[key]["kmeans"]
+            lines.append(f"  k-means (k={km['k']}, test {km['num_examples']}) {label}: NMI "
+                         f"{km['nmi']:.3f}, ARI {km['ari']:.3f}, cluster accuracy "
+                         f"{100 * km['cluster_accuracy']:.2f}%")
     if "tokenizer" in results:
         t = results["tokenizer"]
         lines.append(f"  tokenizer: hard-code reconstruction MSE {t['hard_recon_mse']:.4f}, "

@@ -14,13 +14,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ssl_jax import methods, parallel
-from ssl_jax.data import augment, pipeline
+from ssl_jax.data import pipeline
+from ssl_jax.data.augment import eval_view
 from ssl_jax.restore import restore_state
 from ssl_jax.step import example_batch
-
-# Evaluation crop: the central 87.5% of the decoded image (224 of 256 on ImageNet), resized to
-# the training crop size when the two differ.
-CENTRE_CROP_FRACTION = 0.875
 
 
 def restore_encoder(
@@ -36,20 +33,6 @@ def random_encoder(config: ml_collections.ConfigDict, mesh: Mesh, seed: int) -> 
     method = methods.create(config, mesh)
     params, extra = jax.jit(method.init)(jax.random.key(seed), example_batch(config, mesh))
     return method, method.encoder_variables(params, extra)
-
-
-def eval_view(images: jax.Array, crop_size: int) -> jax.Array:
-    """``[batch, s, s, 3]`` uint8 -> normalised ``[batch, crop, crop, 3]``: a centre crop of
-    :data:`CENTRE_CROP_FRACTION` when the decoded image is larger than the crop, then resize."""
-    x = augment.to_float_image(images)
-    side = x.shape[1]
-    if side > crop_size:
-        keep = max(int(round(side * CENTRE_CROP_FRACTION)), crop_size)
-        start = (side - keep) // 2
-        x = x[:, start : start + keep, start : start + keep]
-    if x.shape[1] != crop_size:
-        x = jax.image.resize(x, (x.shape[0], crop_size, crop_size, 3), "bilinear")
-    return augment.normalize(x)
 
 
 def extract_features(
