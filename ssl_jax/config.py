@@ -176,6 +176,7 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("eval.protocol_base_lr", 0.0, "issue 19 2026-12-04"),
     ("eval.n_last_blocks", 0, "issue 19 2026-12-04"),
     ("eval.avgpool_patchtokens", False, "issue 19 2026-12-04"),
+    ("init_from", "", "issue 24 2026-12-04"),
 )
 
 
