@@ -39,8 +39,10 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
                       "data=imagenet2012,model=vit_b16"),
     "finetune": _BASIC + ("data=imagenet2012,vit=l", "data=imagenet2012,vit=h"),
 }
-# Keys added after the snapshot was last taken (prefixes, per config file); none at present.
-ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {}
+# Keys added after the snapshot was last taken (prefixes, per config file): init_from (every
+# pre-training config, from presets.base_config).
+ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {
+    name: ("init_from",) for name in PRESETS if name != "finetune"}
 
 
 def _load(name: str):
