@@ -189,6 +189,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "This process's index.")
     flags.DEFINE_integer("stop_at_step", 0, "End this invocation after this step (with a "
                          "checkpoint); the run resumes from there when started again.")
+    flags.DEFINE_bool("model_from_init", False, "Set config.model to the encoder of what "
+                      "--config.init_from names (a run's model, a weights file's architecture).")
 
 
 def main(argv: list[str]) -> None:
@@ -198,6 +200,11 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.config is None or args.workdir is None:
         raise flags.Error("--config and --workdir are required")
+    if args.model_from_init:
+        from ssl_jax.convert import run_dir
+
+        logging.info("model from %s: %s", args.config.init_from,
+                     run_dir.model_from_init(args.config))
     train(args.config, args.workdir, args.stop_at_step)
 
 

@@ -301,6 +301,9 @@ def test_import_writes_a_run_that_evaluates_exports_and_starts_pre_training(tmp_
 
     with pytest.raises(WorkdirError, match="holds imported weights"):
         train.train(config, imported)
+    other = _digits_config(**{"init_from": imported})  # --model_from_init: the run's model
+    assert other.model.name == "resnet18"
+    assert run_dir.model_from_init(other) == config.model.to_dict() == other.model.to_dict()
     with config.unlocked():
         config.init_from = imported
     workdir = str(tmp_path / "continued")
@@ -386,6 +389,19 @@ def test_a_file_of_another_architecture_names_the_first_mismatch(tmp_path):
     with pytest.raises(ConfigError, match="is the run's own --workdir"):
         train.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_model_from_file_needs_heads_of_a_non_standard_vit_and_import_keeps_workdirs(tmp_path):
+    parts = formats.parts_of(read_weights(_weights("vit_s16_like")), "vit")
+    with pytest.raises(WeightsError, match="has width 48, none of the standard widths .*pass "
+                                           "--num_heads"):
+        fit.infer_model(parts.encoder)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="exists and is not empty: choose a new directory, or "
+                                           "pass --overwrite"):
+        run_dir.import_weights(_weights("vit_s16_like"), _digits_config(), str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run") == ["config.json"]
 
 
 def _cli(*args):

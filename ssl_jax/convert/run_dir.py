@@ -29,6 +29,7 @@ import numpy as np
 
 from ssl_jax import checkpoint, methods, parallel, restore
 from ssl_jax import config as config_lib
+from ssl_jax.config import ConfigError
 from ssl_jax.convert import fit, formats, init_from, timm_export
 from ssl_jax.convert.files import (
     WeightsError,
@@ -64,6 +65,27 @@ def fit_model_to_file(config: ml_collections.ConfigDict, weights: str, num_heads
     config's dtype, pooling, mask token, stochastic depth and init scheme); returns it."""
     parts = formats.parts_of(read_weights(weights, allow_classes), weights, checkpoint_key)
     model = fit.model_config(config.model.to_dict(), fit.infer_model(parts.encoder, num_heads))
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model)
+    return model
+
+
+def model_from_init(config: ml_collections.ConfigDict, num_heads: int = 0) -> dict[str, Any]:
+    """Sets ``config.model`` to the encoder of what ``config.init_from`` names: a run's model
+    (the config's dtype, pooling, mask token, stochastic depth and init scheme kept), or the
+    architecture of a weights file (:func:`fit_model_to_file`); returns it. The trainer's
+    ``--model_from_init``."""
+    path = config.get("init_from", "")
+    if not path:
+        raise ConfigError("--model_from_init takes the model from config.init_from, which is "
+                          "empty: pass --config.init_from=RUN_OR_FILE")
+    if not os.path.isdir(path):
+        return fit_model_to_file(config, path, num_heads)
+    run_model = restore.load_run_config(path).model.to_dict()
+    family = fit.RESNET_ARCH_FIELDS if run_model["name"].startswith("resnet") \
+        else fit.VIT_ARCH_FIELDS
+    model = fit.model_config(config.model.to_dict(),
+                             {k: v for k, v in run_model.items() if k in family})
     with config.unlocked():
         config.model = ml_collections.ConfigDict(model)
     return model
