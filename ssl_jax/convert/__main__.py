@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
         print(f"evaluate:  python -m ssl_jax.evaluate --workdir {args.workdir}")
         print(f"fine-tune: python -m ssl_jax.finetune --workdir {args.workdir}")
         print(f"pre-train: python -m ssl_jax.train --config ... --config.init_from="
-              f"{args.workdir} --workdir NEW_DIR")
+              f"{args.workdir} --model_from_init --workdir NEW_DIR")
     else:
         _required(workdir=args.workdir, output=args.output)
         spec = run_dir.export_timm(args.workdir, args.output, step=args.step,

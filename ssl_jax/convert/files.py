@@ -210,9 +210,10 @@ def _read_pickle(path: str, allow_classes: bool) -> dict[str, Any]:
         if len(harmless) == len(refused):
             raise WeightsError(
                 f"{path} holds {', '.join(harmless)} beside its tensors (a training checkpoint's "
-                "arguments); pass --allow_pickle_classes to accept these harmless classes (the "
-                "file is still read with torch.load(weights_only=True)), or save the weights "
-                "alone as safetensors")
+                "arguments); pass --allow_pickle_classes to python -m ssl_jax.convert import to "
+                "accept these harmless classes (the file is still read with torch.load("
+                "weights_only=True); init_from then takes the imported run), or save the "
+                "weights alone as safetensors")
         raise WeightsError(
             f"{path} is refused: its pickle names {', '.join(refused)}; {_CODE_GLOBAL_HINT}. "
             "Only tensors, containers and " + ", ".join(HARMLESS_CLASSES) + " are read; save the "

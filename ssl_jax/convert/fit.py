@@ -195,13 +195,24 @@ def check_tensors(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int,
                             "config's model")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        try:
-            held = f". The file holds model {infer_model(tensors, num_heads=1)}"
-        except WeightsError:
-            held = ""
+        held = _described(tensors)
         raise WeightsError(f"the weights do not fit {what}: {problems[0]}{more}{held}"
                            + (f". {hint}" if hint else ""))
     return [k for k in expected if k not in tensors]
+
+
+def _described(tensors: dict[str, np.ndarray]) -> str:
+    """'. The file holds model {...}' (its heads when they can be told), or '' for a file whose
+    encoder is none this module reads."""
+    for heads in (0, 1):
+        try:
+            model = infer_model(tensors, num_heads=heads)
+        except WeightsError:
+            continue
+        if heads:
+            model.pop("num_heads")
+        return f". The file holds model {model}"
+    return ""
 
 
 def load_encoder(tensors: dict[str, np.ndarray], initial: Any, module: Any, what: str,

@@ -37,7 +37,7 @@ from ssl_jax.convert.files import WeightsError
 from ssl_jax.models.vit import relative_position_index
 
 WRAPPER_KEYS = ("teacher", "model", "state_dict", "model_ema", "module", "network")
-STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+WHOLE_FILE_PREFIXES = ("encoder.", "model.")  # a wrapper module around the whole network
 CLASSIFIER_KEYS = re.compile(r"(head|fc|classifier)\.(weight|bias)")
 _SPLIT_QKV = re.compile(r"(blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)")
 
@@ -113,7 +113,7 @@ def _split_backbone(tensors: dict[str, np.ndarray]
     """DINO's multi-crop wrapper: ``backbone.*`` (the encoder) and ``head.*`` (its head), each
     without the prefix; a file without ``backbone.`` keys is all encoder."""
     if not any(k.startswith("backbone.") for k in tensors):
-        for prefix in STRIPPED_PREFIXES[2:]:  # a wrapper around the whole file: encoder., model.
+        for prefix in WHOLE_FILE_PREFIXES:
             if all(k.startswith(prefix) for k in tensors):
                 tensors = {k[len(prefix):]: v for k, v in tensors.items()}
         return tensors, {}
