@@ -369,6 +369,18 @@ def _check_fingerprint(directory: epath.Path, state: Any, saved: dict[str, Any])
             f"saved with them, e.g. {', '.join(bad[:3])}")
 
 
+def write_state(step_dir: epath.PathLike, state: Any) -> None:
+    """Saves a train state without a data position as the checkpoint directory ``step_dir``
+    (``DIR/checkpoints/<step>``), with its fingerprint: for runs made outside the trainer
+    (weights imported by ``python -m ssl_jax.convert``), which the jobs that read a run
+    (:func:`restore_step`) restore like any other; the trainer does not resume them."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+            handler_registry=_handler_registry())) as checkpointer:
+        checkpointer.save(epath.Path(step_dir), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            fingerprint=ocp.args.JsonSave(state_fingerprint(state))))
+
+
 def export_encoder(
     workdir: epath.PathLike, step: int, variables: Any, config: ml_collections.ConfigDict
 ) -> epath.Path:

@@ -3,7 +3,7 @@
 A mistake of the user's ends the job with a one-line ``error: ...`` naming the fix, no traceback:
 
 - exit code 2 (:data:`EXIT_USER_ERROR`): a bad flag, ``--config`` file or override, a config key,
-  the data, the workdir (:data:`USER_ERRORS`, absl flag errors);
+  the data, the workdir, a weights file (:data:`USER_ERRORS`, absl flag errors);
 - exit code 3 (:data:`EXIT_OS_ERROR`): the machine refused a read or a write (disk full, no
   permission, read-only file system, a file where a directory should be): an ``OSError``, or a
   checkpoint-library error that carries an OS error code. The message names the path; what was
@@ -27,9 +27,10 @@ from absl import app, flags, logging
 from ssl_jax import faults
 from ssl_jax.checkpoint import WorkdirError
 from ssl_jax.config import ConfigError
+from ssl_jax.convert.files import WeightsError
 from ssl_jax.data.sources import DataError
 
-USER_ERRORS = (ConfigError, DataError, WorkdirError)
+USER_ERRORS = (ConfigError, DataError, WorkdirError, WeightsError)
 EXIT_USER_ERROR = 2
 EXIT_OS_ERROR = 3
 

@@ -187,6 +187,7 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("eval.export_overwrite", False, "issue 24 2026-12-04"),
     ("online_probe", {"enabled": False, "base_lr": 0.1, "num_classes": 0},
      "issue 24 2026-12-04"),
+    ("init_from", "", "issue 24 2026-12-04"),
 )
 
 

@@ -58,6 +58,8 @@ def base_config(method: str, data: str) -> ml_collections.ConfigDict:
     config.batch_size = 256
     config.num_epochs = 100.0
     config.total_steps = 0  # > 0 overrides num_epochs
+    # A weights file or run directory the new run starts from (docs/weights.md); '' for none.
+    config.init_from = ""
     config.log_every = 50
     config.on_nonfinite = "skip"  # or 'stop'
     config.checkpoint = dict(every_steps=1000, keep=3, keep_every=0, async_save=True)

@@ -6,7 +6,9 @@ r"""The one pre-training loop. It knows no method by name.
 Re-running with the same workdir resumes from its newest good checkpoint, data position
 included. Sections: set-up, data, method and optimizer, state (created sharded), the step,
 the loop (:func:`ssl_jax.loop.run_steps`, shared with fine-tuning: logging, checkpoints,
-preemption, non-finite steps), export.
+preemption, non-finite steps), export. ``--config.init_from=PATH`` (a weights file or a run
+directory) starts a new run from those weights (:mod:`ssl_jax.convert.init_from`); a resumed run
+takes its state from its checkpoint.
 
 Faults (exit codes in :mod:`ssl_jax.faults`):
 
@@ -32,6 +34,7 @@ Faults (exit codes in :mod:`ssl_jax.faults`):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -41,7 +44,7 @@ from ml_collections import config_flags
 
 from ssl_jax import allocator, faults, flops, loop, methods, online_probe, parallel
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax.config import require
+from ssl_jax.config import ConfigError, require
 from ssl_jax.data import pipeline
 from ssl_jax.metrics import MetricsWriter
 from ssl_jax.step import build_state, make_train_step
@@ -103,7 +106,9 @@ def _train(
     setup = build_state(config, mesh, method, total_steps, steps_per_epoch)
     schedule, tx, shardings = setup.schedule, setup.tx, setup.shardings
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    # Only now that data, method and optimizer accept the config does the workdir get written.
+    init_source = _init_source(config, workdir, method, setup.abstract, mesh)
+    # Only now that data, method, optimizer and init_from accept the config does the workdir
+    # get written.
     ckpt_lib.check_workdir(workdir, config)
 
     checkpoints = ckpt_lib.RunCheckpoints(
@@ -114,6 +119,9 @@ def _train(
         state = jax.jit(setup.init_state, out_shardings=shardings)(init_rng)
         start_step = 0
         logging.info("initialised a new run in %s", workdir)
+        if init_source is not None:
+            state = init_source.apply(state, method, mesh)
+            logging.info("weights from %s: %s", config.init_from, "; ".join(init_source.notes))
     else:
         logging.info("resumed %s from step %d", workdir, start_step)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
@@ -151,6 +159,28 @@ def _train(
     return state
 
 
+def _init_source(config: ml_collections.ConfigDict, workdir: Any, method: Any, abstract: Any,
+                 mesh: Any) -> Any:
+    """The weights ``config.init_from`` names, read and checked against the state's layout
+    (:func:`ssl_jax.convert.init_from.prepare`), when the run starts afresh; None when it has
+    none or resumes (its checkpoint holds the state). A workdir that holds imported weights is
+    not trained in (it has no data position): a WorkdirError says to start from it."""
+    from ssl_jax.convert import init_from
+
+    if (workdir / init_from.IMPORTED_MARKER).exists():
+        raise ckpt_lib.WorkdirError(
+            f"{workdir} holds imported weights (python -m ssl_jax.convert import), which are "
+            f"evaluated and fine-tuned in place; to pre-train from them use a new --workdir with "
+            f"--config.init_from={workdir}")
+    path = config.get("init_from", "")
+    if not path or ckpt_lib.checkpoint_steps(workdir / "checkpoints"):
+        return None
+    if os.path.abspath(path) == os.path.abspath(os.fspath(workdir)):
+        raise ConfigError(f"config.init_from={path!r} is the run's own --workdir; name another "
+                          "run or a weights file")
+    return init_from.prepare(path, method, abstract, mesh)
+
+
 def define_flags() -> None:
     """The command line of ``python -m ssl_jax.train`` (defined only when run as a program)."""
     config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -160,6 +190,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "This process's index.")
     flags.DEFINE_integer("stop_at_step", 0, "End this invocation after this step (with a "
                          "checkpoint); the run resumes from there when started again.")
+    flags.DEFINE_bool("model_from_init", False, "Set config.model to the encoder of what "
+                      "--config.init_from names (a run's model, a weights file's architecture).")
 
 
 def main(argv: list[str]) -> None:
@@ -169,6 +201,11 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.config is None or args.workdir is None:
         raise flags.Error("--config and --workdir are required")
+    if args.model_from_init:
+        from ssl_jax.convert import run_dir
+
+        logging.info("model from %s: %s", args.config.init_from,
+                     run_dir.model_from_init(args.config))
     train(args.config, args.workdir, args.stop_at_step)
 
 

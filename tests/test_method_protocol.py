@@ -1,7 +1,9 @@
 """The method protocol: one ``methods.create`` for every method, the base class's defaults, and
 the checks it makes for every method (method sub-config keys, the ViT patch grid)."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import byol as byol_config
@@ -15,9 +17,10 @@ from configs import moco_v3 as moco_v3_config
 from configs import rotation as rotation_config
 from configs import simclr as simclr_config
 from configs import simmim as simmim_config
-from ssl_jax import methods
+from ssl_jax import methods, parallel
 from ssl_jax.config import ConfigError
 from ssl_jax.methods.base import MethodBase
+from ssl_jax.step import build_state
 
 METHOD_CONFIGS = [(simclr_config, "data=digits,runlocal"), (dino_config, "data=digits,runlocal"),
                   (mae_config, "data=digits,runlocal"), (byol_config, "data=digits,runlocal"),
@@ -41,6 +44,36 @@ def test_every_method_is_a_method_base_with_the_same_create(module, arg):
         # MoCo)
         extra = {"x": jnp.zeros(2)}
         assert method.after_update({}, extra, 0) is extra
+
+
+@pytest.mark.parametrize("module,arg", METHOD_CONFIGS + [(moco_v3_config,
+                                                          "data=digits,model=vit_ti4,runlocal")])
+def test_with_encoder_sets_what_encoder_variables_reads(module, arg):
+    """``with_encoder(params, extra, v)`` (init_from, imports) keeps the state's layout, and
+    ``encoder_variables`` of the result is ``v``, for every method (an EMA teacher or momentum
+    encoder set too: MoCo v3's frozen patch projection goes to ``extra['frozen']``)."""
+    config = module.get_config(arg)
+    mesh = parallel.make_mesh(1)
+    method = methods.create(config, mesh)
+    abstract = build_state(config, mesh, method, 1, 1).abstract
+    params, extra = abstract["params"], abstract["extra"]
+    like = method.encoder_variables(params, extra)
+    marks = iter(range(1, 10**6))
+    variables = jax.tree_util.tree_map(lambda a: np.full(a.shape, next(marks), a.dtype), like)
+    new_params, new_extra = method.with_encoder(params, extra, variables)
+    for old, new in ((params, new_params), (extra, new_extra)):
+        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
+        assert [x.shape for x in jax.tree_util.tree_leaves(new)] == [
+            x.shape for x in jax.tree_util.tree_leaves(old)]
+    got = method.encoder_variables(new_params, new_extra)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(variables)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(variables),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    if "teacher" in extra:  # the student starts as the teacher
+        np.testing.assert_array_equal(
+            np.asarray(jax.tree_util.tree_leaves(new_params["encoder"])[0]),
+            np.asarray(jax.tree_util.tree_leaves(new_extra["teacher"]["encoder"])[0]))
 
 
 @pytest.mark.parametrize("module,arg", METHOD_CONFIGS)

@@ -18,7 +18,8 @@ overrides what its paper changes::
 The defaults: ``augment`` is one normalised view of ``config.aug.view1`` (MAE, SimMIM, the
 dVAE), ``after_update`` is the identity (no EMA, no schedule), ``encoder_variables`` are
 ``params['encoder']`` with the collections at ``extra['encoder']`` (BatchNorm statistics) when
-there are any, and ``encoder_input`` is the normalised image itself.
+there are any (``with_encoder`` sets them), and ``encoder_input`` is the normalised image
+itself.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ class MethodBase:
         (BatchNorm statistics) at ``extra['encoder']`` when it has any."""
         state = extra.get("encoder", {}) if isinstance(extra, dict) else {}
         return {"params": params["encoder"], **state}
+
+    def with_encoder(self, params: Any, extra: Any, variables: dict[str, Any]) -> tuple[Any, Any]:
+        """``(params, extra)`` with the encoder's variables (the layout of
+        :meth:`encoder_variables`) replaced by ``variables``: weights imported from a file or
+        another run (``config.init_from``). Methods that keep more copies of the encoder (an
+        EMA teacher) set them all, so that ``encoder_variables`` of the result is
+        ``variables``."""
+        params = {**params, "encoder": variables["params"]}
+        state = {k: v for k, v in variables.items() if k != "params"}
+        if state or (isinstance(extra, dict) and "encoder" in extra):
+            extra = {**extra, "encoder": state}
+        return params, extra
 
 
 def check_method_keys(config: ml_collections.ConfigDict, keys: tuple[str, ...]

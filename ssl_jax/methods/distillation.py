@@ -289,6 +289,16 @@ class SelfDistillation(MethodBase):
         del params
         return {"params": extra["teacher"]["encoder"], **extra["teacher_state"]["encoder"]}
 
+    def with_encoder(self, params, extra, variables):
+        """Student and teacher both start from ``variables`` (DINO's teacher starts as the
+        student)."""
+        copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+        enc, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+        return ({**params, "encoder": enc},
+                {**extra, "state": {**extra["state"], "encoder": state},
+                 "teacher": {**extra["teacher"], "encoder": copy(enc)},
+                 "teacher_state": {**extra["teacher_state"], "encoder": copy(state)}})
+
 
 def check_config(config, encoder, total_steps: int, steps_per_epoch: int) -> None:
     """Every key of DINO's that could fail later (in ``config.<method>`` and ``config.aug``), as a

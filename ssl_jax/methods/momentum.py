@@ -176,6 +176,19 @@ class MomentumMethod(MethodBase):
             encoder, state = params["encoder"], extra["state"]["encoder"]
         return {"params": self.encoder_params(encoder, extra), **state}
 
+    def with_encoder(self, params: Any, extra: Any, variables: dict[str, Any]) -> tuple[Any, Any]:
+        """The online and the momentum encoder both start from ``variables`` (the frozen
+        parameters, MoCo v3's patch projection, go to ``extra['frozen']``)."""
+        copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+        enc = dict(variables["params"])
+        frozen = {key: enc.pop(key) for key in self.frozen}
+        state = {k: v for k, v in variables.items() if k != "params"}
+        extra = {**extra, "state": {**extra["state"], "encoder": state},
+                 "target": {**extra["target"], "encoder": copy(enc)},
+                 "target_state": {**extra["target_state"], "encoder": copy(state)},
+                 **({"frozen": frozen} if frozen else {})}
+        return {**params, "encoder": enc}, extra
+
 
 def refuse_predictor_keys(config: ml_collections.ConfigDict, paper: str) -> None:
     """A ``pred_*`` key in ``config.<method>`` of a method without a predictor is a ConfigError
