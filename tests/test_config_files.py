@@ -42,10 +42,8 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
     "context": _BASIC + ("data=cifar10,colour=project", "data=digits,model=vit_ti4,runlocal"),
     "jigsaw": _BASIC + ("data=digits,model=vit_ti4,runlocal",),
 }
-# Keys added after the snapshot was last taken (prefixes, per config file): init_from (every
-# pre-training config, from presets.base_config).
-ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {
-    name: ("init_from",) for name in PRESETS if name != "finetune"}
+# Keys added after the snapshot was last taken (prefixes, per config file); none at present.
+ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {}
 
 
 def _load(name: str):
