@@ -1,10 +1,14 @@
 r"""The peer side of the accuracy comparison: lightly's CIFAR-10 recipe, trained with PyTorch on
 the same images, backbone, batch, number of steps and views as a project run, its backbone
-written as a timm ResNet ``safetensors`` file that the project imports and evaluates with its own
-evaluation job (so both encoders meet the same linear probe and kNN).
+written as a ``safetensors`` file with timm/torchvision ResNet keys that the project imports
+(``ssl_jax.convert``) and evaluates with its own evaluation job (so both encoders meet the same
+linear probe and kNN)::
 
-    /tmp/peers/bin/python benchmarks/lightly_train.py --run /work/runs/byol_c10 \
-        --data_root $HOME/.cache/ssl_jax/cifar10 --out /tmp/byol_lightly
+    /tmp/peers/bin/python benchmarks/lightly_train.py --run RUN \
+        --data_root $HOME/.cache/ssl_jax/cifar10 --out /tmp/lightly_run
+    python -m ssl_jax.convert import --weights /tmp/lightly_run/backbone.safetensors \
+        --model_from_file --config configs/moco_v2.py:data=cifar10 --workdir /tmp/lightly_eval
+    python -m ssl_jax.evaluate --workdir /tmp/lightly_eval
 
 Runs under the peers' Python (``bash ../shared/peers/setup.sh /tmp/peers``) and never imports
 JAX. ``--run`` is a project run directory: its ``config.json`` gives the method (``byol`` or
@@ -18,10 +22,9 @@ momentum 0.9, LR 6e-2 x B/128, weight decay 5e-4 and a cosine to zero, here step
 (the benchmark steps it per epoch) to match the project's schedule. The views are lightly's
 ``SimCLRViewTransform`` with the run's ``aug.view1`` / ``aug.view2`` values.
 
-Writes ``OUT/backbone.safetensors`` (timm ``resnet`` key names, running statistics averaged
-over the split groups), ``OUT/model.json`` (the run's model config:
-the project's ResNet of the same shape) and ``OUT/log.jsonl`` (loss
-and seconds per step, data loading excluded).
+Writes ``OUT/backbone.safetensors`` (timm/torchvision ``resnet`` key names, running statistics
+averaged over the split groups), ``OUT/model.json`` (the run's model config: the project's ResNet
+of the same shape) and ``OUT/log.jsonl`` (loss and seconds per step, data loading excluded).
 """
 
 from __future__ import annotations
