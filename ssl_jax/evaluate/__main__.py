@@ -161,7 +161,7 @@ def evaluate(workdir: str, overrides: list[str] = ()) -> dict[str, Any]:
     results["ssl"] = evaluate_encoder(method, variables, config, mesh, config.seed)
     if isinstance(method.encoder, ViT):
         picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
-                                           config.eval.attention_images)
+                                           config.eval.attention_images, method.encoder_input)
         if picture:
             results["attention_picture"] = picture
             logging.info("wrote attention maps to %s", picture)

@@ -93,11 +93,10 @@ def smoothing_kernel(bins: jax.Array, sigma: float) -> jax.Array:
 
 def smoothed_prior(counts: jax.Array, kernel: jax.Array) -> jax.Array:
     """``p~ [Q]``: the empirical distribution ``counts / sum(counts)`` smoothed by ``kernel``;
-    uniform when nothing has been counted."""
-    q = counts.shape[0]
+    uniform (no rebalancing) when nothing has been counted."""
     total = jnp.sum(counts)
-    p = jnp.where(total > 0, counts / jnp.maximum(total, 1e-12), 1.0 / q)
-    return p @ kernel
+    smoothed = (counts / jnp.maximum(total, 1e-12)) @ kernel
+    return jnp.where(total > 0, smoothed, 1.0 / counts.shape[0])
 
 
 def rebalance_weights(prior: jax.Array, lam: float) -> jax.Array:
