@@ -38,6 +38,9 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
     "ibot": _BASIC + ("data=digits,local_crops=2", "data=cifar10,local_crops=0",
                       "data=imagenet2012,model=vit_b16"),
     "finetune": _BASIC + ("data=imagenet2012,vit=l", "data=imagenet2012,vit=h"),
+    "colorization": _BASIC + ("data=cifar10,model=vit_ti4", "data=imagenet2012,loss=regression"),
+    "inpainting": _BASIC + ("data=digits,mask=blocks", "data=cifar10,model=vit_ti4",
+                            "data=imagenet2012,mask=blocks"),
 }
 # Keys added after the snapshot was last taken (prefixes, per config file); none at present.
 ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {}

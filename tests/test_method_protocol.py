@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import byol as byol_config
+from configs import colorization as colorization_config
 from configs import dino as dino_config
 from configs import ibot as ibot_config
+from configs import inpainting as inpainting_config
 from configs import mae as mae_config
 from configs import moco_v2 as moco_v2_config
 from configs import moco_v3 as moco_v3_config
@@ -20,7 +22,9 @@ METHOD_CONFIGS = [(simclr_config, "data=digits,runlocal"), (dino_config, "data=d
                   (mae_config, "data=digits,runlocal"), (byol_config, "data=digits,runlocal"),
                   (moco_v2_config, "data=digits,runlocal"),
                   (moco_v3_config, "data=digits,runlocal"),
-                  (simmim_config, "data=digits,runlocal"), (ibot_config, "data=digits,runlocal")]
+                  (simmim_config, "data=digits,runlocal"), (ibot_config, "data=digits,runlocal"),
+                  (colorization_config, "data=cifar10,runlocal"),
+                  (inpainting_config, "data=digits,runlocal")]
 
 
 @pytest.mark.parametrize("module,arg", METHOD_CONFIGS)
@@ -30,7 +34,10 @@ def test_every_method_is_a_method_base_with_the_same_create(module, arg):
     assert isinstance(method, MethodBase)
     assert (method.total_steps, method.steps_per_epoch) == (10, 5)
     images = jnp.ones((2, 8, 8, 3))
-    assert method.encoder_input(images) is images  # the default: the image itself
+    if type(method).encoder_input is MethodBase.encoder_input:
+        assert method.encoder_input(images) is images  # the default: the image itself
+    else:  # colorization: the L channel
+        assert method.encoder_input(images).shape[:3] == images.shape[:3]
     if type(method).after_update is MethodBase.after_update:  # not an EMA teacher (DINO, BYOL,
         # MoCo)
         extra = {"x": jnp.zeros(2)}
