@@ -41,6 +41,9 @@ PRESETS = {  # config file -> the preset strings whose configs the snapshot hold
     "rotation": _BASIC + ("data=digits,model=vit_ti4",),
     "context": _BASIC + ("data=cifar10,colour=project", "data=digits,model=vit_ti4,runlocal"),
     "jigsaw": _BASIC + ("data=digits,model=vit_ti4,runlocal",),
+    "colorization": _BASIC + ("data=cifar10,model=vit_ti4", "data=imagenet2012,loss=regression"),
+    "inpainting": _BASIC + ("data=digits,mask=blocks", "data=cifar10,model=vit_ti4",
+                            "data=imagenet2012,mask=blocks"),
 }
 # Keys added after the snapshot was last taken (prefixes, per config file); none at present.
 ADDED_SINCE_SNAPSHOT: dict[str, tuple[str, ...]] = {}

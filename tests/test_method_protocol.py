@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from configs import byol as byol_config
+from configs import colorization as colorization_config
 from configs import context as context_config
 from configs import dino as dino_config
 from configs import ibot as ibot_config
+from configs import inpainting as inpainting_config
 from configs import jigsaw as jigsaw_config
 from configs import mae as mae_config
 from configs import moco_v2 as moco_v2_config
@@ -29,7 +31,9 @@ METHOD_CONFIGS = [(simclr_config, "data=digits,runlocal"), (dino_config, "data=d
                   (simmim_config, "data=digits,runlocal"), (ibot_config, "data=digits,runlocal"),
                   (rotation_config, "data=digits,runlocal"),
                   (context_config, "data=digits,runlocal"),
-                  (jigsaw_config, "data=digits,runlocal")]
+                  (jigsaw_config, "data=digits,runlocal"),
+                  (colorization_config, "data=cifar10,runlocal"),
+                  (inpainting_config, "data=digits,runlocal")]
 
 
 @pytest.mark.parametrize("module,arg", METHOD_CONFIGS)
@@ -39,7 +43,10 @@ def test_every_method_is_a_method_base_with_the_same_create(module, arg):
     assert isinstance(method, MethodBase)
     assert (method.total_steps, method.steps_per_epoch) == (10, 5)
     images = jnp.ones((2, 8, 8, 3))
-    assert method.encoder_input(images) is images  # the default: the image itself
+    if type(method).encoder_input is MethodBase.encoder_input:
+        assert method.encoder_input(images) is images  # the default: the image itself
+    else:  # colorization: the L channel
+        assert method.encoder_input(images).shape[:3] == images.shape[:3]
     if type(method).after_update is MethodBase.after_update:  # not an EMA teacher (DINO, BYOL,
         # MoCo)
         extra = {"x": jnp.zeros(2)}

@@ -379,6 +379,38 @@ def source_fields(data_cfg: ml_collections.ConfigDict) -> dict[str, Field]:
     return dict(SOURCE_CLASSES[resolve_source(data_cfg)].fields(data_cfg))
 
 
+GREY_MODES = ("1", "L", "LA", "I", "F")  # Pillow modes of single-channel (greyscale) images
+
+
+def source_channels(data_cfg: ml_collections.ConfigDict) -> int | None:
+    """Colour channels of the source's images as stored, before the pipeline makes every image
+    RGB (a greyscale one as 3 equal channels): 1 for the built-in digits (8x8 greyscale), the
+    last dimension of a TFDS dataset's image feature, for an image folder 1 when its first
+    training image is greyscale (Pillow mode in :data:`GREY_MODES` or 16-bit ``I;16*``) else
+    3; None when the source cannot be found here (the pipeline then names what is missing).
+    A colour task (colorization) refuses a single-channel source before compiling."""
+    try:
+        kind = resolve_source(data_cfg)
+        if kind == "builtin":
+            from ssl_jax.data import digits
+
+            return int(digits.IMAGE_SHAPE[-1])
+        if kind == "tfds":
+            builder, _ = _tfds_builder(data_cfg.name, resolve_data_dir(data_cfg))
+            keys = builder.info.supervised_keys if builder is not None else None
+            image_key = keys[0] if isinstance(keys, tuple) and len(keys) == 2 else "image"
+            shape = builder.info.features[image_key].shape if builder is not None else ()
+            return int(shape[-1]) if shape and shape[-1] else None
+        source = ImageFolderSource(data_cfg.root, data_cfg.train_split)
+    except (DataError, KeyError, AttributeError):
+        return None
+    from PIL import Image
+
+    with Image.open(source.path(0)) as image:
+        grey = image.mode in GREY_MODES or image.mode.startswith("I;")
+    return 1 if grey else 3
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> TfdsSource | ImageFolderSource:
     """A random-access source over `split` of the dataset that `data_cfg` names.
 

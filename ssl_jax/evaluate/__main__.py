@@ -256,7 +256,7 @@ def write_run_pictures(method, state, variables, config, mesh, workdir, step: in
     out: dict[str, Any] = {}
     if isinstance(method.encoder, ViT):
         picture = write_attention_pictures(method.encoder, variables, config, mesh, workdir, step,
-                                           config.eval.attention_images)
+                                           config.eval.attention_images, method.encoder_input)
         if picture:
             out["attention_picture"] = picture
             logging.info("wrote attention maps to %s", picture)

@@ -12,6 +12,7 @@ and one column per panel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -96,11 +97,15 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, tile: int = TILE) -> 
     return canvas
 
 
-def attention_maps(encoder: Any, variables: Any, images: jax.Array, crop: int) -> tuple:
+def attention_maps(encoder: Any, variables: Any, images: jax.Array, crop: int,
+                   encoder_input: Callable[[jax.Array], jax.Array] | None = None) -> tuple:
     """``(maps [n, heads, gh, gw], crops [n, crop, crop, 3] uint8)`` of uint8 ``images``
-    ``[n, s, s, 3]`` seen through the evaluation's centre crop (jittable)."""
+    ``[n, s, s, 3]`` seen through the evaluation's centre crop (jittable); the encoder sees
+    ``encoder_input`` of the crops (the method's, e.g. colorization's L channel; None: the
+    crops)."""
     x = eval_view(images, crop)
-    weights = encoder.apply(variables, x, train=False, return_attention=True)
+    feed = encoder_input(x) if encoder_input is not None else x
+    weights = encoder.apply(variables, feed, train=False, return_attention=True)
     grid = (crop // encoder.patch_size, crop // encoder.patch_size)
     maps = cls_attention_maps(weights, grid, encoder.num_prefix_tokens)
     pixels = jnp.round(augment.denormalize(x) * 255.0).astype(jnp.uint8)
@@ -115,8 +120,10 @@ def write_attention_pictures(
     workdir: epath.PathLike,
     step: int,
     num_images: int = 4,
+    encoder_input: Callable[[jax.Array], jax.Array] | None = None,
 ) -> str | None:
-    """Writes ``DIR/attention_step{step}.png`` for the first ``num_images`` test images.
+    """Writes ``DIR/attention_step{step}.png`` for the first ``num_images`` test images (the
+    encoder sees ``encoder_input`` of them: pass the method's).
 
     Every process runs the (sharded) forward pass; process 0 writes. Returns the path, or None
     when the encoder has no cls token to take the attention of."""
@@ -131,7 +138,7 @@ def write_attention_pictures(
 
     @jax.jit
     def first_maps(variables, images, mask):
-        maps, pixels = attention_maps(encoder, variables, images, crop)
+        maps, pixels = attention_maps(encoder, variables, images, crop, encoder_input)
         return maps[:keep], pixels[:keep], mask[:keep]
 
     out = multihost_utils.process_allgather(

@@ -14,6 +14,8 @@ Method files import these instead of defining (or importing from another method)
   :func:`reconstruction_panels` (the evaluation's original | masked | reconstruction picture);
 - networks with non-trained state (BatchNorm): :func:`apply_network`, :func:`split_variables`,
   :func:`apply_network_in_groups` (BatchNorm statistics per group of the batch);
+- dense pretext tasks (colorization, inpainting): :func:`feature_map` (a ResNet's last stage or
+  a ViT's patch tokens as a spatial map);
 - collapse indicators: :func:`feature_std`.
 
 Each is tested against a NumPy reference in ``tests/test_ssl_math.py``.
@@ -32,6 +34,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ssl_jax.data import augment
+from ssl_jax.models.vit import ViT
 from ssl_jax.parallel import BATCH_AXES
 
 # --- Teacher-student ----------------------------------------------------------------------------
@@ -78,6 +81,20 @@ def apply_network(module: nn.Module, params: Any, state: dict[str, Any], x: Any,
                                       mutable=list(state), rngs=rngs, **kwargs)
         return out, dict(new_state)
     return module.apply({"params": params, **state}, x, train=train, rngs=rngs, **kwargs), state
+
+
+def feature_map(encoder: nn.Module, params: Any, state: dict[str, Any], x: jax.Array, *,
+                train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """The encoder's spatial feature map ``[batch, h', w', d]`` (float32) of ``x [batch, h, w,
+    c]`` and its updated state (:func:`apply_network`): a ViT's patch tokens after the final
+    LayerNorm on the patch grid (``h' = h / patch``), a ResNet's last stage before pooling."""
+    if isinstance(encoder, ViT):
+        tokens, state = apply_network(encoder, params, state, x, train=train, rng=rng,
+                                      return_tokens=True)
+        rows, cols = x.shape[1] // encoder.patch_size, x.shape[2] // encoder.patch_size
+        patches = tokens[:, encoder.num_prefix_tokens:].astype(jnp.float32)
+        return patches.reshape(x.shape[0], rows, cols, encoder.dim), state
+    return apply_network(encoder, params, state, x, train=train, rng=rng, return_map=True)
 
 
 def apply_network_in_groups(module: nn.Module, params: Any, state: dict[str, Any], x: jax.Array,

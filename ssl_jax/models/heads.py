@@ -1,6 +1,6 @@
-"""Generic heads on encoder features: the projection/prediction MLP (SimCLR, BYOL, MoCo) and the
-linear classifier. A head that belongs to one method (DINO's head, MAE's decoder) lives in that
-method's file."""
+"""Generic heads on encoder features: the projection/prediction MLP (SimCLR, BYOL, MoCo), the
+linear classifier and the upsampling decoder of a spatial feature map (colorization, inpainting).
+A head that belongs to one method (DINO's head, MAE's decoder) lives in that method's file."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from ssl_jax.models.layers import Dense
+from ssl_jax.models.layers import Conv, Dense
 
 
 class ProjectionMLP(nn.Module):
@@ -80,3 +81,49 @@ class LinearClassifier(nn.Module):
         logits = Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="fc")(x)
         chex.assert_shape(logits, (x.shape[0], self.num_classes))
         return logits
+
+
+class UpsamplingDecoder(nn.Module):
+    """A dense prediction from an encoder's spatial feature map (colorization's ab head,
+    inpainting's decoder): ``[batch, h', w', c] -> [batch, size, size, out_dim]`` (float32).
+
+    With ``channel_fc`` first a channel-wise fully connected layer (the context encoder's, Pathak
+    et al. 2016, Sec. 3.1: each channel's ``h' w'`` values mapped by a dense layer of its own, so
+    that every position sees the whole map without the cost of a full dense layer), then a 1x1
+    convolution to ``hidden_dim`` and ReLU; then, while the side is below ``size``, a bilinear
+    x2 resize (the last one to exactly ``size``), a 3x3 convolution and ReLU; last a 1x1
+    convolution to ``out_dim`` with bias and no activation.
+    """
+
+    out_dim: int
+    size: int
+    hidden_dim: int = 128
+    channel_fc: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        chex.assert_rank(x, 4)
+        batch, h, w, c = x.shape
+        x = x.astype(self.dtype)
+        if self.channel_fc:
+            kernel = self.param("channel_fc", nn.initializers.lecun_normal(
+                in_axis=1, out_axis=2, batch_axis=(0,)), (c, h * w, h * w), jnp.float32)
+            bias = self.param("channel_fc_bias", nn.initializers.zeros, (c, h * w), jnp.float32)
+            flat = x.reshape(batch, h * w, c)
+            flat = jnp.einsum("bpc,cpq->bqc", flat, kernel.astype(self.dtype)) + bias.T
+            x = nn.relu(flat.reshape(batch, h, w, c)).astype(self.dtype)
+        x = nn.relu(Conv(self.hidden_dim, (1, 1), dtype=self.dtype, name="in_proj")(x))
+        side, stage = h, 0
+        while side < self.size:
+            side = min(2 * side, self.size)
+            x = jax.image.resize(x, (batch, side, side, self.hidden_dim), "bilinear")
+            x = Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                     name=f"up{stage}")(x)
+            x = nn.relu(x)
+            stage += 1
+        if side != self.size:  # a map larger than the output (not the case of the presets)
+            x = jax.image.resize(x, (batch, self.size, self.size, self.hidden_dim), "bilinear")
+        x = Conv(self.out_dim, (1, 1), dtype=self.dtype, name="out")(x).astype(jnp.float32)
+        chex.assert_shape(x, (batch, self.size, self.size, self.out_dim))
+        return x

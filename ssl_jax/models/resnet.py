@@ -105,7 +105,8 @@ class ResNet(nn.Module):
     """ResNet v1.5 backbone without classifier.
 
     `__call__(x [batch, height, width, channels], train) -> [batch, num_features]` (float32):
-    the global average pool of the last stage.
+    the global average pool of the last stage; with `return_map=True` the last stage's spatial
+    map `[batch, h', w', num_features]` itself (dense pretext tasks: colorization, inpainting).
 
     Attributes:
       stage_sizes: blocks per stage, e.g. `(3, 4, 6, 3)`; stage `i` has base width `64 * 2**i`.
@@ -158,7 +159,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet width_multiplier={self.width_multiplier} must be > 0.")
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool, return_map: bool = False) -> jnp.ndarray:
         self._check_config()
         chex.assert_rank(x, 4)
         batch = x.shape[0]
@@ -203,6 +204,9 @@ class ResNet(nn.Module):
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
 
+        if return_map:
+            chex.assert_axis_dimension(x, 3, self.num_features)
+            return x.astype(jnp.float32)
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         chex.assert_shape(features, (batch, self.num_features))
         return features
