@@ -20,9 +20,11 @@ from ssl_jax.data.sources import DataError
 from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Pre-training configs; configs/finetune.py (the fine-tuning job's) runs in test_finetune.py.
+# Pre-training configs; configs/finetune.py (the fine-tuning job's) runs in test_finetune.py,
+# and colorization (refused on the greyscale digits) runs one step on a colour image folder in
+# test_colorization.py.
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                      if os.path.basename(p) != "finetune.py")
+                      if os.path.basename(p) not in ("finetune.py", "colorization.py"))
 
 
 def _load_config_module(path):
