@@ -95,6 +95,7 @@ def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) ->
                     f"config has {key}={_short(config[key])}. Use a new --workdir for a different "
                     f"run, or the run's own config (saved in {saved_path}) to resume it."
                 )
+        _check_state_layout(workdir, saved, config)
         if config_lib.to_json(saved) != config_lib.to_json(config):
             logging.warning("resuming %s with a config that differs from %s", workdir, saved_path)
         return
@@ -108,6 +109,20 @@ def check_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) ->
         tmp = workdir / "config.json.tmp"
         tmp.write_text(config_lib.to_json(config))
         tmp.replace(saved_path)
+
+
+def _check_state_layout(workdir: epath.Path, saved: ml_collections.ConfigDict,
+                        config: ml_collections.ConfigDict) -> None:
+    """Keys that change what a checkpoint's train state holds may not change on resume: the online
+    probe adds its own state (a run saved before the key existed had none)."""
+    was = bool(saved.get("online_probe", {}).get("enabled", False))
+    now = bool(config.get("online_probe", {}).get("enabled", False))
+    if was != now:
+        raise WorkdirError(
+            f"workdir {workdir} holds a run with online_probe.enabled={was}, but this config has "
+            f"online_probe.enabled={now}: its checkpoints {'hold' if was else 'have no'} probe "
+            f"state. Resume with --config.online_probe.enabled={str(was).lower()}, or use a new "
+            "--workdir.")
 
 
 def load_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:

@@ -86,6 +86,17 @@ def test_run_with_probe_has_the_same_ssl_state(tmp_path):
     _, state, step = restore_state(tmp_path / "probe", config, parallel.make_mesh())
     assert step == 2
     np.testing.assert_array_equal(state["probe"]["params"]["kernel"], kernel)
+    # Switching the probe on or off on resume would change the checkpoint's state layout: refused
+    # before anything is written, naming the key.
+    from ssl_jax.checkpoint import WorkdirError
+
+    before = sorted(p.name for p in (tmp_path / "plain").rglob("*"))
+    for name, enabled in (("plain", True), ("probe", False)):
+        with pytest.raises(WorkdirError, match=rf"online_probe\.enabled={not enabled}, but "
+                           rf"this config has online_probe\.enabled={enabled}"):
+            train.train(_config(**{**common, "total_steps": 4,
+                                   "online_probe.enabled": enabled}), str(tmp_path / name))
+    assert sorted(p.name for p in (tmp_path / "plain").rglob("*")) == before
 
 
 @pytest.mark.parametrize("changes, match", [
