@@ -104,6 +104,11 @@ def jax_to_timm(model: dict, size: int, batch: int, seed: int = 0) -> dict[str, 
     net = timm_model(spec)
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
                         strict=True)
+    return _compare(net, encoder, variables, size, batch, seed)
+
+
+def _compare(net, encoder, variables, size: int, batch: int, seed: int) -> dict[str, float]:
+    """The errors between timm's and the project's features of the same random input."""
     x = np.random.default_rng(seed + 1).standard_normal((batch, 3, size, size), np.float32)
     with torch.no_grad():
         theirs = net(torch.from_numpy(x)).numpy()
@@ -127,12 +132,7 @@ def timm_to_jax(model: dict, size: int, batch: int, seed: int = 0) -> dict[str, 
     initial = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
                                      fit.abstract_variables(encoder, size))
     variables, _ = fit.load_encoder(parts.encoder, initial, encoder, "the model", "")
-    x = np.random.default_rng(seed + 1).standard_normal((batch, 3, size, size), np.float32)
-    with torch.no_grad():
-        theirs = net(torch.from_numpy(x)).numpy()
-    ours = np.asarray(jax.jit(lambda v, x: encoder.apply(v, x, train=False))(
-        variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
-    return _errors(ours, theirs)
+    return _compare(net, encoder, variables, size, batch, seed)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ from jax.sharding import Mesh
 from ssl_jax.config import ConfigError, require
 from ssl_jax.data import augment, color, sources
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.methods.ssl_math import feature_map, split_variables
+from ssl_jax.methods.ssl_math import feature_map, init_dense
 from ssl_jax.models.heads import UpsamplingDecoder
 
 LOSSES = ("classification", "regression")
@@ -155,13 +155,9 @@ class Colorization(MethodBase):
         return self.head.apply({"params": params["head"]}, fmap), state
 
     def init(self, rng, batch):
-        k_enc, k_head = jax.random.split(rng)
         n = batch["image"].shape[0]
         x = jnp.zeros((n, self.view.size, self.view.size, 1), jnp.float32)
-        params, state = split_variables(
-            self.encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False))
-        fmap, _ = feature_map(self.encoder, params, state, x, train=False)
-        head = self.head.init(k_head, fmap)["params"]
+        params, state, head = init_dense(self.encoder, self.head, rng, x)
         extra = {"encoder": state}
         if self.classify:
             extra["ab_counts"] = jnp.zeros((self.bins.shape[0],), jnp.float32)

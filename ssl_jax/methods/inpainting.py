@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.data import augment
 from ssl_jax.methods.base import MethodBase
-from ssl_jax.methods.ssl_math import feature_map, split_variables
+from ssl_jax.methods.ssl_math import feature_map, init_dense
 from ssl_jax.models.heads import UpsamplingDecoder
 
 MASK_KINDS = ("center", "blocks")
@@ -120,13 +120,9 @@ class Inpainting(MethodBase):
         return self.decoder.apply({"params": params["decoder"]}, fmap), state
 
     def init(self, rng, batch):
-        k_enc, k_dec = jax.random.split(rng)
         n = batch["image"].shape[0]
         x = jnp.zeros((n, self.view.size, self.view.size, 3), jnp.float32)
-        params, state = split_variables(
-            self.encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False))
-        fmap, _ = feature_map(self.encoder, params, state, x, train=False)
-        decoder = self.decoder.init(k_dec, fmap)["params"]
+        params, state, decoder = init_dense(self.encoder, self.decoder, rng, x)
         return {"encoder": params, "decoder": decoder}, {"encoder": state}
 
     def loss(self, params, extra, batch, rng, step):

@@ -97,6 +97,17 @@ def feature_map(encoder: nn.Module, params: Any, state: dict[str, Any], x: jax.A
     return apply_network(encoder, params, state, x, train=train, rng=rng, return_map=True)
 
 
+def init_dense(encoder: nn.Module, head: nn.Module, rng: jax.Array, x: jax.Array
+               ) -> tuple[Any, dict[str, Any], Any]:
+    """``(encoder params, encoder state, head params)`` of an encoder whose
+    :func:`feature_map` of ``x`` feeds a dense ``head`` (colorization's, inpainting's decoder)."""
+    k_enc, k_head = jax.random.split(rng)
+    params, state = split_variables(
+        encoder.init({"params": k_enc, "dropout": k_enc}, x, train=False))
+    fmap, _ = feature_map(encoder, params, state, x, train=False)
+    return params, state, head.init(k_head, fmap)["params"]
+
+
 def apply_network_in_groups(module: nn.Module, params: Any, state: dict[str, Any], x: jax.Array,
                             groups: int, *, train: bool, rng: jax.Array | None = None
                             ) -> tuple[Any, dict[str, Any]]:
