@@ -22,6 +22,9 @@ momentum 0.9, LR 6e-2 x B/128, weight decay 5e-4 and a cosine to zero, here step
 (the benchmark steps it per epoch) to match the project's schedule. The views are lightly's
 ``SimCLRViewTransform`` with the run's ``aug.view1`` / ``aug.view2`` values.
 
+On a machine where torch sees a GPU it trains there (``--device auto``; ``--workers`` data
+loader processes, ``--max_seconds`` stops early and records the steps reached).
+
 Writes ``OUT/backbone.safetensors`` (timm/torchvision ``resnet`` key names, running statistics
 averaged over the split groups), ``OUT/model.json`` (the run's model config: the project's ResNet
 of the same shape) and ``OUT/log.jsonl`` (loss and seconds per step, data loading excluded).
@@ -159,6 +162,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=0, help="0: the run's total steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--max_seconds", type=float, default=0.0,
+                        help="stop after this long (the steps reached are recorded); 0: never")
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (cuda if seen)")
     args = parser.parse_args()
     with open(os.path.join(args.run, "config.json")) as f:
         config = json.load(f, object_hook=lambda d: d.get("__tuple__", d))
@@ -173,28 +180,36 @@ def main() -> None:
     torch.manual_seed(config.get("seed", 0))
     batch = config["batch_size"]
     steps_per_epoch = 50000 // batch
-    steps = args.steps or int(round(config["num_epochs"] * steps_per_epoch))
+    steps = (args.steps or config.get("total_steps", 0)
+             or int(round(config["num_epochs"] * steps_per_epoch)))
     width = config["model"].get("width_multiplier", 1.0)
     dim = int(512 * width)
-    model = MODELS[method](config[method], width, dim)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    model = MODELS[method](config[method], width, dim).to(device)
     transform = MultiViewTransform([view_transform(config["aug"]["view1"]),
                                     view_transform(config["aug"]["view2"])])
     data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=2, persistent_workers=True)
+                                         num_workers=args.workers,
+                                         persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda")
     lr = 6e-2 * batch / 128
     optim = torch.optim.SGD(model.trained(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    times, step = [], 0
+    times, step, began = [], 0, time.time()
     with open(os.path.join(args.out, "log.jsonl"), "w") as log:
         while step < steps:
             for (x0, x1), _ in loader:
                 for group in optim.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
                 start = time.perf_counter()
+                x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
                 loss = model.loss(x0, x1)
                 optim.zero_grad()
                 loss.backward()
                 optim.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
                 step += 1
                 if step % 25 == 0 or step == steps:
@@ -203,15 +218,17 @@ def main() -> None:
                     log.flush()
                     print(f"step {step}/{steps} loss {loss.item():.4f} "
                           f"{statistics.median(times[-25:]):.3f} s/step", flush=True)
-                if step == steps:
+                if step == steps or (args.max_seconds and time.time() - began > args.max_seconds):
+                    steps = step
                     break
-    model.eval()
+    model.eval().cpu()
     save_file(timm_state_dict(model.backbone, 8 if method == "moco_v2" else 0),
               os.path.join(args.out, "backbone.safetensors"))
     with open(os.path.join(args.out, "model.json"), "w") as f:
         json.dump({"keys": "timm/torchvision resnet", "model": config["model"], "method": method,
                    "steps": steps, "batch_size": batch,
-                   "median_step_s": statistics.median(times)}, f, indent=1)
+                   "median_step_s": statistics.median(times), "device": str(device)}, f,
+                  indent=1)
     print(json.dumps({"method": method, "steps": steps,
                       "median_step_s": round(statistics.median(times), 4)}))
 

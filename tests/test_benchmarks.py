@@ -86,3 +86,42 @@ def test_resnet_step_temporaries_are_pinned(monkeypatch):
     monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", 2**40)
     whole = _simclr_step_temporaries()
     assert chunked <= bound < whole, (chunked, whole)
+
+
+def test_method_table_compresses_each_preset_schedule_to_the_budget():
+    from benchmarks import method_table
+
+    args = method_table.parse_args(["--steps", "1950", "--batch_size", "256", "--out", "/tmp/x"])
+    budget_epochs = 1950 * 256 / 50000
+    simclr = method_table.schedule_overrides(args, "simclr")  # preset: 10 of 1000 epochs warm-up
+    assert simclr == [f"--config.optim.warmup_epochs={round(10.0 * budget_epochs / 1000, 6)}"]
+    dino = dict(item.split("=") for item in method_table.schedule_overrides(args, "dino"))
+    assert float(dino["--config.dino.warmup_teacher_temp_epochs"]) == pytest.approx(
+        30.0 * budget_epochs / 200)  # 30 of the preset's 200 epochs: the same share of the budget
+    assert not any(k.startswith(("--config.eval.", "--config.num_epochs")) for k in dino)
+    assert method_table.schedule_overrides(args, "moco_v2") == []  # no warm-up stays none
+    cmd = method_table.train_command(args, "moco_v2", "/tmp/x/moco_v2")
+    assert "--config.total_steps=1950" in cmd and "--config.batch_size=256" in cmd
+
+
+def test_method_table_reports_results_and_failures(tmp_path):
+    from benchmarks import method_table
+
+    run = tmp_path / "rotation"
+    run.mkdir()
+    scores = {"linear_top1": 0.5, "knn_top1": 0.4}
+    (run / "eval.json").write_text(json.dumps({"latest": {
+        "step": 10, "ssl": scores, "random_init": {"linear_top1": 0.3, "knn_top1": 0.2}}}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 5, "loss": 2.0, "images_per_sec": 1.0},  # the first interval: compilation
+        {"step": 10, "loss": 1.5, "images_per_sec": 100.0})))
+    row = method_table.summarize("rotation", run, "ok")
+    assert row["linear"] == 0.5 and row["random_knn"] == 0.2 and row["loss"] == 1.5
+    assert row["images_per_sec"] == 100.0
+    args = method_table.parse_args(["--steps", "10", "--out", str(tmp_path)])
+    text = method_table.table([{"method": "jigsaw", "status": "failed (exit 1, log)"}, row], args)
+    lines = text.splitlines()
+    assert lines[4].startswith("| rotation | 10 | 50.00 | 40.00 | 30.00 / 20.00 | 1.5 | 100 |")
+    assert lines[5] == "| jigsaw | | | | | | | failed (exit 1, log) |"
+    with pytest.raises(SystemExit):
+        method_table.parse_args(["--steps", "10", "--out", "o", "--methods", "nosuch"])
