@@ -165,6 +165,7 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("data.read_threads", 16, "7f7e570 2026-11-24"),
     ("model.dtype", "float32", "7155b76 2026-11-24"),  # encoders only: see _applies
     ("model.init_scheme", "mae", "issue 19 2026-12-04"),  # ViTs only: see _applies
+    ("model.init_scheme", "goyal", "issue 21 2026-12-04"),  # ResNets only: see _applies
     ("aug.view1.blur_kernel", "simclr", "issue 19 2026-12-04"),
     ("aug.view2.blur_kernel", "simclr", "issue 19 2026-12-04"),
     ("aug.local.blur_kernel", "simclr", "issue 19 2026-12-04"),
@@ -191,14 +192,16 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
 )
 
 
-def _applies(path: str, parent: ml_collections.ConfigDict) -> bool:
+def _applies(path: str, parent: ml_collections.ConfigDict, default: Any = None) -> bool:
     """``model.dtype`` belongs to the encoders (``resnet*``, ``vit_*``); the dVAE's model block is
-    its name only (its compute dtype is ``dvae.dtype``). ``model.init_scheme`` is a ViT's."""
+    its name only (its compute dtype is ``dvae.dtype``). ``model.init_scheme`` has a default per
+    family: 'mae' for a ViT (every run before it was xavier), 'goyal' for a ResNet (every run
+    before it had the zero-initialised residual BatchNorm)."""
     name = str(parent.get("name", ""))
     if path == "model.dtype":
         return name.startswith(("resnet", "vit_"))
-    if path == "model.init_scheme":  # a ViT's initial weights; every run before it was xavier
-        return name.startswith("vit_")
+    if path == "model.init_scheme":
+        return name.startswith("vit_" if default == "mae" else "resnet")
     return True
 
 
@@ -212,6 +215,6 @@ def upgrade_run_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
             for part in parents:
                 node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
             if (isinstance(node, ml_collections.ConfigDict) and leaf not in node
-                    and _applies(path, node)):
+                    and _applies(path, node, default)):
                 node[leaf] = default
     return config

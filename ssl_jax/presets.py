@@ -40,10 +40,11 @@ MODELS = {
 # dtype is the compute dtype of the encoder and the method's heads ('float32' or 'bfloat16'):
 # parameters, optimizer state, norms' statistics, softmaxes and losses stay float32.
 MODEL_DEFAULTS = {
-    "resnet": dict(width_multiplier=1.0, cifar_stem=False, dtype="float32"),
+    "resnet": dict(width_multiplier=1.0, cifar_stem=False, dtype="float32", init_scheme="goyal"),
     "vit": dict(pos_embed="learned", drop_path_rate=0.0, dtype="float32", init_scheme="mae"),
 }
-# init_scheme: the paper whose initial weights a ViT recipe follows ('mae': xavier-uniform,
+# init_scheme: a ResNet's initial weights ('goyal', 'torchvision', 'pytorch': models/resnet.py);
+# for a ViT the paper whose initial weights its recipe follows ('mae': xavier-uniform,
 # 'dino': normal(0.02), 'beit': DINO's then fix_init_weight); see ssl_jax/models/vit_init.py.
 
 
@@ -153,7 +154,8 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.tsne_perplexity = 10.0
     name = config.model.name
     if name.startswith("resnet"):
-        set_model(config, "resnet18", width_multiplier=0.125, cifar_stem=True)
+        set_model(config, "resnet18", width_multiplier=0.125, cifar_stem=True,
+                  init_scheme=config.model.get("init_scheme", "goyal"))
     else:
         patch = 4 if config.aug.view1.size % 4 == 0 else 2
         set_model(config, f"vit_ti{patch}", depth=2,

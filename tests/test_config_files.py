@@ -146,7 +146,7 @@ def test_old_run_config_loads_with_the_defaults(tmp_path, name, arg):
             node = config
             for part in parents:
                 node = node.get(part) if node is not None else None
-            if node is not None and _applies(path, node):
+            if node is not None and _applies(path, node, default):
                 node[leaf] = default
                 applying.append(path)
     old = json.loads(to_json(config))

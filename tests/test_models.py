@@ -129,7 +129,7 @@ def test_resnet_zero_init_residual(tiny_resnet):
             assert np.all(block["bn2"]["scale"] == 0.0) and np.all(block["bn1"]["scale"] == 1.0)
     assert np.all(variables["params"]["stage2_block1"]["proj_bn"]["scale"] == 1.0)
     x = images(BATCH, 16)
-    plain = model.clone(zero_init_residual=False).init(key(), x, train=False)["params"]
+    plain = model.clone(init_scheme="torchvision").init(key(), x, train=False)["params"]
     assert np.all(plain["stage3_block2"]["bn2"]["scale"] == 1.0)
 
     bottleneck = ResNet(
@@ -485,3 +485,24 @@ def test_encoders_share_one_call_signature(name, kwargs):
     assert set(new_state) == set(state)
     out = model.apply(variables, x, train=False, rngs=rngs)
     assert out.shape == (BATCH, encoder_dim(model))
+
+
+def test_resnet_init_schemes_match_their_formulas(tiny_resnet):
+    """'goyal' and 'torchvision': He-normal with fan-out, std sqrt(2 / (k*k*c_out)); 'pytorch':
+    torch.nn.Conv2d's default U(+-1/sqrt(k*k*c_in)), std 1/sqrt(3*k*k*c_in), every scale at 1."""
+    model, _ = tiny_resnet
+    x = images(BATCH, 16)
+    for scheme in ("goyal", "torchvision", "pytorch"):
+        params = model.clone(init_scheme=scheme).init(key(), x, train=False)["params"]
+        kernel = np.asarray(params["stage3_block2"]["conv2"]["kernel"])  # [3, 3, c_in, c_out]
+        k, _, c_in, c_out = kernel.shape
+        if scheme == "pytorch":
+            bound = 1.0 / np.sqrt(k * k * c_in)
+            assert np.abs(kernel).max() <= bound
+            assert kernel.std() == pytest.approx(bound / np.sqrt(3.0), rel=0.1)
+        else:
+            assert kernel.std() == pytest.approx(np.sqrt(2.0 / (k * k * c_out)), rel=0.15)
+        bn2 = params["stage3_block2"]["bn2"]["scale"]
+        assert np.all(bn2 == (0.0 if scheme == "goyal" else 1.0)), scheme
+    with pytest.raises(ValueError, match=r"init_scheme='he' is unknown; use one of"):
+        model.clone(init_scheme="he").init(key(), x, train=False)

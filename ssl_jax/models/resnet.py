@@ -34,8 +34,18 @@ RESNET_DEPTHS: dict[int, tuple[tuple[int, ...], str]] = {
     152: ((3, 8, 36, 3), "bottleneck"),
 }
 
-# He initialisation with fan-out, as torchvision's `kaiming_normal_(mode='fan_out')`.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Initial weights by the code a recipe follows (`ResNet.init_scheme`):
+# - 'goyal': He-normal convolutions with fan-out (torchvision's `kaiming_normal_(mode='fan_out')`)
+#   and the last BatchNorm scale of every block at 0, so each block starts as the identity
+#   (Goyal et al. 2017; SimCLR's and BYOL's code);
+# - 'torchvision': the same convolutions, every BatchNorm scale at 1 (torchvision's `resnet*`
+#   default, zero_init_residual=False: the official MoCo code);
+# - 'pytorch': `torch.nn.Conv2d`'s own default, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)),
+#   scales at 1 (CIFAR ResNets that set no init, e.g. lightly's ResNetGenerator).
+INIT_SCHEMES = ("goyal", "torchvision", "pytorch")
+_HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+CONV_INITS = {"goyal": _HE_FAN_OUT, "torchvision": _HE_FAN_OUT,
+              "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")}
 
 
 def scaled_width(base: int, width_multiplier: float) -> int:
@@ -114,8 +124,9 @@ class ResNet(nn.Module):
       width_multiplier: scales every width (rounded, at least 1 channel).
       cifar_stem: 3x3 stride-1 first convolution and no max-pool (for 32x32 inputs);
         otherwise a 7x7 stride-2 convolution and a 3x3 stride-2 max-pool.
-      zero_init_residual: start the last BatchNorm scale of every block at 0, so each block
-        begins as the identity (Goyal et al., 2017).
+      init_scheme: initial weights as in 'goyal' (default: the last BatchNorm scale of every
+        block at 0, so each block begins as the identity), 'torchvision' or 'pytorch' (see
+        `INIT_SCHEMES`).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
       bn_axis_name: mapped axis to average batch statistics over inside `jax.shard_map`;
         None under `jax.jit` on global arrays.
@@ -126,7 +137,7 @@ class ResNet(nn.Module):
     block: str
     width_multiplier: float = 1.0
     cifar_stem: bool = False
-    zero_init_residual: bool = True
+    init_scheme: str = "goyal"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
@@ -157,6 +168,9 @@ class ResNet(nn.Module):
             )
         if self.width_multiplier <= 0:
             raise ValueError(f"ResNet width_multiplier={self.width_multiplier} must be > 0.")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"ResNet init_scheme={self.init_scheme!r} is unknown; use one of "
+                             f"{INIT_SCHEMES}.")
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool, return_map: bool = False) -> jnp.ndarray:
@@ -168,7 +182,7 @@ class ResNet(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=conv_kernel_init,
+            kernel_init=CONV_INITS[self.init_scheme],
         )
         norm = functools.partial(
             nn.BatchNorm,
@@ -200,7 +214,7 @@ class ResNet(nn.Module):
                     strides=2 if i > 0 and j == 0 else 1,
                     conv=conv,
                     norm=norm,
-                    zero_init_residual=self.zero_init_residual,
+                    zero_init_residual=self.init_scheme == "goyal",
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
 
