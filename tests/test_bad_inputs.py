@@ -124,6 +124,16 @@ def test_vit_view_size_must_be_a_multiple_of_the_patch():
         methods.create(config, parallel.make_mesh())
 
 
+@pytest.mark.parametrize("arg, scheme, choices", [
+    ("data=digits,runlocal", "he", "goyal, torchvision, pytorch"),
+    ("data=digits,runlocal,model=vit_ti4", "goyal", "mae, dino, beit")])
+def test_unknown_init_scheme_names_the_key_and_the_choices(arg, scheme, choices):
+    config = _config(arg, **{"model.init_scheme": scheme})
+    with pytest.raises(ConfigError, match=rf"config\.model\.init_scheme='{scheme}' is unknown "
+                                          rf"for \w+; use one of {choices}"):
+        methods.create(config, parallel.make_mesh())
+
+
 # --- Data ---------------------------------------------------------------------------------------
 
 def _encoded(image, fmt="PNG"):

@@ -35,6 +35,8 @@ from jax.sharding import Mesh
 from ssl_jax.config import ConfigError
 from ssl_jax.data import augment
 from ssl_jax.models import create_encoder
+from ssl_jax.models.resnet import INIT_SCHEMES as RESNET_INIT_SCHEMES
+from ssl_jax.models.vit_init import INIT_SCHEMES as VIT_INIT_SCHEMES
 
 
 class MethodBase:
@@ -126,6 +128,11 @@ def build_encoder(config: ml_collections.ConfigDict) -> nn.Module:
     model = dict(config.model)
     name = model.pop("name")
     size = config.aug.view1.size
+    schemes = (RESNET_INIT_SCHEMES if str(name).startswith("resnet")
+               else VIT_INIT_SCHEMES if str(name).startswith("vit_") else None)
+    if schemes and model.get("init_scheme", schemes[0]) not in schemes:
+        raise ConfigError(f"config.model.init_scheme={model['init_scheme']!r} is unknown for "
+                          f"{name}; use one of {', '.join(schemes)}")
     match = re.fullmatch(r"vit_[a-z]+(\d+)", str(name))
     if match and (int(match.group(1)) < 1 or size % int(match.group(1))):
         raise ConfigError(
