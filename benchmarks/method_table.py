@@ -96,13 +96,14 @@ def run_method(args: argparse.Namespace, method: str, env: dict[str, str], start
     log = workdir / "job.log"
     began, status = time.time(), "ok"
     with open(log, "a") as f:
-        for cmd in (train_command(args, method, workdir), eval_command(args, workdir)):
+        for cmd, stoppable in ((train_command(args, method, workdir), True),
+                               (eval_command(args, workdir), False)):
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             stopped = False
             while proc.poll() is None:
-                if (cmd[2] == "ssl_jax.train" and args.stop_training_at and not stopped
+                if (stoppable and args.stop_training_at and not stopped
                         and time.time() - start > args.stop_training_at):
                     proc.send_signal(signal.SIGTERM)  # the trainer saves, then exits with 75
                     stopped = True

@@ -192,16 +192,20 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+# model.init_scheme's old-run default by encoder family: every ViT run before the key was
+# xavier ('mae'), every ResNet run had the zero-initialised residual BatchNorm ('goyal').
+_INIT_SCHEME_FAMILY = {"mae": "vit_", "goyal": "resnet"}
+
+
 def _applies(path: str, parent: ml_collections.ConfigDict, default: Any = None) -> bool:
     """``model.dtype`` belongs to the encoders (``resnet*``, ``vit_*``); the dVAE's model block is
-    its name only (its compute dtype is ``dvae.dtype``). ``model.init_scheme`` has a default per
-    family: 'mae' for a ViT (every run before it was xavier), 'goyal' for a ResNet (every run
-    before it had the zero-initialised residual BatchNorm)."""
+    its name only (its compute dtype is ``dvae.dtype``). ``model.init_scheme`` has one entry per
+    encoder family, told apart by its ``default`` (:data:`_INIT_SCHEME_FAMILY`)."""
     name = str(parent.get("name", ""))
     if path == "model.dtype":
         return name.startswith(("resnet", "vit_"))
     if path == "model.init_scheme":
-        return name.startswith("vit_" if default == "mae" else "resnet")
+        return name.startswith(_INIT_SCHEME_FAMILY[default])
     return True
 
 
