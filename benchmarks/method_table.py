@@ -26,7 +26,10 @@ stops starting new methods after S seconds, and ``--stop_training_at S`` stops t
 still running after S seconds (SIGTERM, so the trainer saves its checkpoint) and evaluates them
 at the step they reached (the table's ``step`` column says which), so that a time-limited job
 still writes its table.
-The table is rewritten after every method (``OUT/table.md``, also printed at the end).
+The table is rewritten after every method (``OUT/table.md``, also printed at the end). A
+SIGTERM to this script (a ``timeout`` around it) stops it cleanly: running trainings get SIGTERM
+(they save a checkpoint), running evaluations are ended, nothing new starts, the table of what
+finished is written, and the exit code is 143.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 EXIT_PREEMPTED = 75  # ssl_jax.faults: the trainer saved a checkpoint on SIGTERM and stopped
+INTERRUPT = threading.Event()  # set by SIGTERM to this script: stop everything, keep what finished
 RESNET_METHODS = ("simclr", "byol", "moco_v2", "moco_v3", "rotation", "context", "jigsaw",
                   "colorization", "inpainting")
 
@@ -92,6 +97,8 @@ def run_method(args: argparse.Namespace, method: str, env: dict[str, str], start
         return summarize(method, workdir, "done earlier")
     if args.deadline and time.time() - start > args.deadline:
         return {"method": method, "status": "not started (deadline)"}
+    if INTERRUPT.is_set():
+        return {"method": method, "status": "not started (interrupted)"}
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "job.log"
     began, status = time.time(), "ok"
@@ -100,14 +107,19 @@ def run_method(args: argparse.Namespace, method: str, env: dict[str, str], start
                                (eval_command(args, workdir), False)):
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
+            print(f"{method}: {'training' if stoppable else 'evaluating'} "
+                  f"({time.time() - start:.0f} s)", flush=True)
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             stopped = False
             while proc.poll() is None:
-                if (stoppable and args.stop_training_at and not stopped
-                        and time.time() - start > args.stop_training_at):
+                late = args.stop_training_at and time.time() - start > args.stop_training_at
+                if not stopped and (INTERRUPT.is_set() or (stoppable and late)):
                     proc.send_signal(signal.SIGTERM)  # the trainer saves, then exits with 75
                     stopped = True
-                time.sleep(1.0)
+                time.sleep(0.2)
+            if INTERRUPT.is_set():
+                return {"method": method, "status": "interrupted (SIGTERM); " + (
+                    "its checkpoint was saved" if stoppable else "evaluation ended")}
             if stopped and proc.returncode == EXIT_PREEMPTED:
                 status = "stopped by --stop_training_at"
             elif proc.returncode != 0:
@@ -193,11 +205,17 @@ def main(argv: list[str] | None = None) -> None:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start, results = time.time(), []
+    signal.signal(signal.SIGTERM, lambda *_: INTERRUPT.set())
     with ThreadPoolExecutor(args.parallel) as pool:
-        for result in pool.map(lambda m: run_method(args, m, env, start), args.methods):
-            results.append(result)
-            (Path(args.out) / "table.md").write_text(table(results, args))
+        pending = {pool.submit(run_method, args, m, env, start) for m in args.methods}
+        while pending:  # the table as each method ends, in any order; short waits let the
+            done, pending = wait(pending, 0.5, FIRST_COMPLETED)  # SIGTERM handler run
+            for future in done:
+                results.append(future.result())
+                (Path(args.out) / "table.md").write_text(table(results, args))
     print(table(results, args), flush=True)
+    if INTERRUPT.is_set():
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +126,32 @@ def test_method_table_reports_results_and_failures(tmp_path):
     assert lines[5] == "| jigsaw | | | | | | | failed (exit 1, log) |"
     with pytest.raises(SystemExit):
         method_table.parse_args(["--steps", "10", "--out", "o", "--methods", "nosuch"])
+
+
+def test_method_table_sigterm_stops_trainings_and_writes_the_table(tmp_path, monkeypatch):
+    """A ``timeout`` around the script: the running training gets SIGTERM (and saves), nothing
+    new starts, the table of what finished is written and the exit code is 143."""
+    import signal
+    import threading
+
+    from benchmarks import method_table
+
+    marker = tmp_path / "trainer_got_sigterm"
+    trainer = [sys.executable, "-c", (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), "
+        "sys.exit(75)))\ntime.sleep(60)")]
+    monkeypatch.setattr(method_table, "train_command", lambda args, m, w: trainer)
+    monkeypatch.setattr(method_table, "INTERRUPT", threading.Event())
+    threading.Timer(2.0, lambda: signal.raise_signal(signal.SIGTERM)).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            method_table.main(["--steps", "10", "--out", str(tmp_path), "--methods",
+                               "rotation,jigsaw"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 143 and marker.exists()
+    table = (tmp_path / "table.md").read_text()
+    assert "| rotation | | | | | | | interrupted (SIGTERM); its checkpoint was saved |" in table
+    assert "| jigsaw | | | | | | | not started (interrupted) |" in table
