@@ -19,6 +19,7 @@ often ResNet-18 has it, so ``total`` is the convolutions' share of one forward +
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -53,38 +54,50 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_jax(batch: int, reps: int, xla_weight_grad: bool) -> dict[str, dict[str, float]]:
+def _jax_layer_ops(layer: tuple, batch: int, xla_weight_grad: bool) -> dict[str, tuple]:
+    """``{op: (jitted function, its arguments)}`` of one convolution of :data:`LAYERS`."""
     import jax
-    import jax.numpy as jnp
 
     from ssl_jax.models import layers
 
+    _, cin, cout, k, stride, side, _ = layer
+    pad, strides = ((k // 2, k // 2),) * 2, (stride, stride)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (batch, side, side, cin))
+    w = jax.random.normal(keys[1], (k, k, cin, cout)) * 0.05
+
+    def conv(x, w):
+        return layers._lax_conv(x, w, strides, pad)
+
+    g = jax.random.normal(keys[2], jax.eval_shape(conv, x, w).shape)
+    ops = {
+        "forward": (jax.jit(conv), (x, w)),
+        "input_grad": (jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
+                       (x, w, g)),
+        "weight_grad": (jax.jit(lambda x, g: layers._conv_weight_grad(
+            x, g, (k, k, cin, cout), strides, pad)), (x, g)),
+    }
+    if xla_weight_grad:
+        ops["xla_weight_grad"] = (jax.jit(lambda x, w, g: jax.vjp(
+            lambda w: conv(x, w), w)[1](g)[0]), (x, w, g))
+    return ops
+
+
+def time_jax(batch: int, reps: int, xla_weight_grad: bool) -> dict[str, dict[str, float]]:
+    import jax
+
     out = {}
-    for name, cin, cout, k, stride, side, _ in LAYERS:
-        pad = ((k // 2, k // 2),) * 2
-        strides = (stride, stride)
-        keys = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(keys[0], (batch, side, side, cin))
-        w = jax.random.normal(keys[1], (k, k, cin, cout)) * 0.05
-        y = layers._lax_conv(x, w, strides, pad)
-        g = jax.random.normal(keys[2], y.shape)
-        fns = {
-            "forward": jax.jit(lambda x, w: layers._lax_conv(x, w, strides, pad)),
-            "input_grad": jax.jit(lambda x, w, g: jax.vjp(
-                lambda x: layers._lax_conv(x, w, strides, pad), x)[1](g)[0]),
-            "weight_grad": jax.jit(lambda x, g: layers._conv_weight_grad(
-                x, g, w.shape, strides, pad)),
-        }
-        args = {"forward": (x, w), "input_grad": (x, w, g), "weight_grad": (x, g)}
-        if xla_weight_grad:
-            fns["xla_weight_grad"] = jax.jit(lambda x, w, g: jax.vjp(
-                lambda w: layers._lax_conv(x, w, strides, pad), w)[1](g)[0])
-            args["xla_weight_grad"] = (x, w, g)
-        out[name] = {op: _median_ms(lambda: jax.block_until_ready(fn(*args[op])), reps)
-                     for op, fn in fns.items()}
-        del x, w, g, y
-        jnp.zeros(()).block_until_ready()
+    for layer in LAYERS:
+        ops = _jax_layer_ops(layer, batch, xla_weight_grad)
+        out[layer[0]] = {op: _median_ms(functools.partial(_run_jax, fn, args), reps)
+                         for op, (fn, args) in ops.items()}
+        del ops
+    jax.clear_caches()
     return out
+
+
+def _run_jax(fn, args) -> None:
+    fn(*args).block_until_ready()
 
 
 def time_torch(batch: int, reps: int, threads: int) -> dict[str, dict[str, float]]:
@@ -123,7 +136,7 @@ def report(jax_rounds: list[dict], torch_rounds: list[dict], batch: int) -> str:
     def med(rounds, name, op):
         return statistics.median(r[name][op] for r in rounds)
 
-    flops, counts = gflop(batch), {layer[0]: layer[6] for layer in LAYERS}
+    flops = gflop(batch)
     lines = [f"batch {batch} (images per convolution); ms per call, JAX (XLA:CPU) / torch eager; "
              "ratio = torch time / JAX time (>= 1: JAX as fast)", "",
              "| layer (x count) | GFLOP | " + " | ".join(OPS) + " |", "|---|---|---|---|---|"]

@@ -189,6 +189,7 @@ RUN_CONFIG_UPGRADES: tuple[tuple[str, Any, str], ...] = (
     ("online_probe", {"enabled": False, "base_lr": 0.1, "num_classes": 0},
      "issue 24 2026-12-04"),
     ("init_from", "", "issue 24 2026-12-04"),
+    ("optim.decay_all", False, "issue 21 2026-12-05"),
 )
 
 

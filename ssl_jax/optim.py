@@ -17,6 +17,10 @@
                     gradient clipped to its own norm, as DINO's code does)
     weight_decay_end  > 0: weight decay follows a cosine from ``weight_decay`` at step 0 to
                     ``weight_decay_end`` at the last step (DINO: 0.04 -> 0.4); 0: constant
+    decay_all       True: weight decay on every parameter, biases and norm parameters too, as
+                    torch optimizers over ``model.parameters()`` do (the official MoCo code,
+                    lightly); False (default): only on kernels (below). LARS's trust ratio
+                    skips biases and norms either way
     freeze          ``((regex, epochs), ...)``: parameters whose ``/``-joined path matches
                     ``regex`` get no update at all (no gradient step, no weight decay, no moment
                     update) during the first ``epochs`` epochs, e.g. DINO's last layer
@@ -25,9 +29,9 @@ Fine-tuning adds ``layer_decay`` (layer-wise learning-rate decay, BEiT / MAE): t
 parameter in layer ``l`` of ``L`` is scaled by ``layer_decay ** (L - l)``
 (:func:`scale_by_layer_decay`, layer ids from :func:`vit_layer_id` / :func:`resnet_layer_id`).
 
-Weight decay and LARS's trust-ratio adaptation skip biases and normalisation parameters (every
-parameter with fewer than 2 dimensions), and ViT tokens and position embeddings, as SimCLR, BYOL
-and MAE do. Keys added after a run
+Weight decay (unless ``decay_all``) and LARS's trust-ratio adaptation skip biases and
+normalisation parameters (every parameter with fewer than 2 dimensions), and ViT tokens and
+position embeddings, as SimCLR, BYOL and MAE do. Keys added after a run
 started are read with their defaults, so older runs' configs still restore.
 """
 
@@ -122,24 +126,31 @@ def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.stateless(clip)
 
 
+def _decay_everything(params: Any) -> Any:
+    return jax.tree_util.tree_map(lambda _: True, params)
+
+
 def _base_optimizer(
     cfg: ml_collections.ConfigDict, learning_rate: optax.Schedule, weight_decay: Any
 ) -> optax.GradientTransformation:
+    decay_all = cfg.get("decay_all", False)  # absent from fine-tuning configs saved before it
+    require(isinstance(decay_all, bool), "optim.decay_all", "must be True or False")
+    mask = _decay_everything if decay_all else decay_mask
     if cfg.name == "lars":
         return optax.lars(
             learning_rate,
             weight_decay=weight_decay,
-            weight_decay_mask=decay_mask,
+            weight_decay_mask=mask,
             trust_ratio_mask=decay_mask,
             momentum=cfg.momentum,
         )
     if cfg.name == "adamw":
         return optax.adamw(
-            learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay, mask=decay_mask
+            learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay, mask=mask
         )
     if cfg.name == "sgd":
         return optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.add_decayed_weights(weight_decay, mask=mask),
             optax.sgd(learning_rate, momentum=cfg.momentum),
         )
     raise ValueError(f"config.optim.name={cfg.name!r} must be 'lars', 'adamw' or 'sgd'")

@@ -185,6 +185,7 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
             grad_clip_norm=0.0,
             grad_clip_kind="global",
             weight_decay_end=0.0,
+            decay_all=False,
             freeze=(),
         )
     )

@@ -45,6 +45,31 @@ def test_lars_skips_biases_and_norm_params():
                                         "blocks_0": {"attn": {"kernel": True}}}
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_decay_all_decays_biases_and_norms_by_the_formula(name):
+    """``optim.decay_all``: with a zero gradient, every parameter moves by -lr * wd * p (SGD,
+    AdamW: decoupled decay; LARS adds wd * p to the gradient, and its trust ratio still skips
+    biases and norms, so their step is the same); the default leaves biases and norms alone."""
+    params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 3.0),
+              "bn": {"scale": jnp.full((4,), 0.5)}}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    lr, wd = 0.5, 0.1
+    for decay_all in (True, False):
+        cfg = presets.optim_config(name=name, weight_decay=wd, momentum=0.0, decay_all=decay_all)
+        tx = optim.make_optimizer(cfg, optax.constant_schedule(lr))
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        for key in ("bias", "bn"):
+            scale = -lr * wd * decay_all
+            want = jax.tree_util.tree_map(lambda p, scale=scale: scale * p, params[key])
+            jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-6),
+                                   updates[key], want)
+        if name != "lars":  # LARS's kernel step is scaled by its trust ratio
+            np.testing.assert_allclose(updates["kernel"], -lr * wd * params["kernel"], rtol=1e-6)
+    with pytest.raises(config_lib.ConfigError, match="optim.decay_all"):
+        bad = ml_collections.ConfigDict({**presets.optim_config().to_dict(), "decay_all": "yes"})
+        optim.make_optimizer(bad, optax.constant_schedule(1.0))
+
+
 def test_bad_optimizer_keys():
     with pytest.raises(ValueError, match="optim.name"):
         optim.make_optimizer(presets.optim_config(name="adam_typo"), optax.constant_schedule(1.0))
