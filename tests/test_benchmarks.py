@@ -155,3 +155,19 @@ def test_method_table_sigterm_stops_trainings_and_writes_the_table(tmp_path, mon
     table = (tmp_path / "table.md").read_text()
     assert "| rotation | | | | | | | interrupted (SIGTERM); its checkpoint was saved |" in table
     assert "| jigsaw | | | | | | | not started (interrupted) |" in table
+
+
+def test_conv_layers_report_weights_each_layer_by_its_count():
+    """benchmarks/conv_layers.py: ResNet-18's 20 convolutions, FLOPs by the formula, and totals
+    that weight each layer's time by how often the network has it."""
+    from benchmarks import conv_layers
+
+    assert sum(layer[6] for layer in conv_layers.LAYERS) == 20  # 1 stem + 16 + 3 projections
+    flops = conv_layers.gflop(2)
+    assert flops["s1"] == pytest.approx(2e-9 * 2 * 32 * 32 * 64 * 64 * 9)
+    assert flops["s2_proj"] == pytest.approx(2e-9 * 2 * 16 * 16 * 64 * 128)
+    jax_round = {name: {op: 1.0 for op in conv_layers.OPS} for name, *_ in conv_layers.LAYERS}
+    torch_round = {name: {op: 2.0 for op in conv_layers.OPS} for name, *_ in conv_layers.LAYERS}
+    text = conv_layers.report([jax_round], [torch_round], 2)
+    assert "| **total** | | 20 / 40 (2.00x) | 20 / 40 (2.00x) | 20 / 40 (2.00x) |" in text
+    assert "JAX 60 ms, torch 120 ms, ratio 2.00x" in text
