@@ -44,3 +44,19 @@ def tokenizer_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tokenizer_run")
     train.train(dvae_config.get_config("data=digits,runlocal"), str(workdir))
     return str(workdir)
+
+
+# The ResNet tests (test_models.py, test_resnet_init.py) run eagerly on the shapes of this one
+# fixture: eager XLA ops are compiled once per shape and reused, which on CPU is much cheaper than
+# compiling a jitted ResNet per test.
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    """ResNet-18 at width 1/8 with the CIFAR stem (default init 'goyal'), initialised on a
+    [2, 16, 16, 3] batch: ``images(2, 16)`` and ``key()`` of test_models.py (RBG key, seed 0)."""
+    import jax
+
+    from ssl_jax.models import resnet
+
+    rbg = jax.random.key(0, impl="rbg")
+    model = resnet(18, width_multiplier=0.125, cifar_stem=True)
+    return model, model.init(rbg, jax.random.normal(rbg, (2, 16, 16, 3)), train=False)

@@ -70,13 +70,7 @@ def test_resnet_param_count_matches_torchvision(depth, expected):
         assert expected + model.num_features * 1000 + 1000 == 25_557_032
 
 
-# The ResNet tests run eagerly on the shapes of this one fixture: eager XLA ops are compiled once
-# per shape and reused, which on CPU is much cheaper than compiling a jitted ResNet per test.
-@pytest.fixture(scope="module")
-def tiny_resnet():
-    """ResNet-18 at width 1/8 with the CIFAR stem, initialised on a [2, 16, 16, 3] batch."""
-    model = resnet(18, width_multiplier=0.125, cifar_stem=True)
-    return model, model.init(key(), images(BATCH, 16), train=False)
+# The ResNet tests run eagerly on the shapes of the `tiny_resnet` fixture (tests/conftest.py).
 
 
 def test_resnet18_tiny_output_shape(tiny_resnet):
@@ -467,4 +461,3 @@ def test_encoders_share_one_call_signature(name, kwargs):
     assert set(new_state) == set(state)
     out = model.apply(variables, x, train=False, rngs=rngs)
     assert out.shape == (BATCH, encoder_dim(model))
-

@@ -2,28 +2,11 @@
 residual BatchNorm of 'goyal', each scheme's convolution kernels against its formula, and an
 unknown scheme refused."""
 
-import jax
 import numpy as np
 import pytest
 
-from ssl_jax.models import ResNet, resnet
-
-BATCH = 2
-
-
-def key(seed: int = 0) -> jax.Array:
-    return jax.random.key(seed, impl="rbg")
-
-
-def images(batch: int, size: int, seed: int = 0) -> jax.Array:
-    return jax.random.normal(key(seed), (batch, size, size, 3))
-
-
-@pytest.fixture(scope="module")
-def tiny_resnet():
-    """ResNet-18 at width 1/8 with the CIFAR stem (default 'goyal'), on a [2, 16, 16, 3] batch."""
-    model = resnet(18, width_multiplier=0.125, cifar_stem=True)
-    return model, model.init(key(), images(BATCH, 16), train=False)
+from ssl_jax.models import ResNet
+from tests.test_models import BATCH, images, key  # tiny_resnet: tests/conftest.py
 
 
 def test_resnet_zero_init_residual(tiny_resnet):
