@@ -5,9 +5,9 @@ r"""The project's train step side by side with the same step in PyTorch (eager a
 
 Methods and sizes (2 CPU cores in mind): ``mae``, ``beit``, ``dino``: the CIFAR-10 presets' ViT
 (ViT-Ti width 192, 6 blocks, 3 heads, patch 4, 32-px images), batch 64 (DINO with 2 local crops
-of 16 px, as the CIFAR-10 run in docs/benchmarks.md; BEiT with a randomly initialised dVAE
-tokenizer of the CIFAR-10 preset); ``simclr``: the CIFAR-stem ResNet-18 (width 1) of the CIFAR-10
-preset at batch 32. ``--batch_size`` changes the batch.
+of 16 px, as the CIFAR-10 run in docs/benchmarks.md; ``--local_crops`` changes it; BEiT with a
+randomly initialised dVAE tokenizer of the CIFAR-10 preset); ``simclr``: the CIFAR-stem
+ResNet-18 (width 1) of the CIFAR-10 preset at batch 32. ``--batch_size`` changes the batch.
 
 The JAX side is ``benchmarks.throughput.StepBench``: the trainer's own jitted step (shardings,
 donation) on a device-resident uint8 batch. The torch side (``benchmarks/torch_peer.py``, run by
@@ -62,7 +62,7 @@ from ssl_jax.data import augment
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {  # config, batch
     "simclr": ("configs/simclr.py:data=cifar10", 32),
-    "dino": ("configs/dino.py:data=cifar10,local_crops=2", 64),
+    "dino": ("configs/dino.py:data=cifar10,local_crops={local_crops}", 64),
     "mae": ("configs/mae.py:data=cifar10", 64),
     "beit": ("configs/beit.py:data=cifar10", 64),
 }
@@ -78,6 +78,15 @@ def view_spec(view: ml_collections.ConfigDict) -> dict[str, Any]:
             "jitter_p": view.color_jitter_p if jitter else 0.0,
             "grayscale_p": view.grayscale_p, "blur_p": view.blur_p,
             "solarize_p": view.solarize_p}
+
+
+def method_config(method: str, overrides: dict[str, Any], local_crops: int = 2
+                  ) -> ml_collections.ConfigDict:
+    """The CIFAR-10 preset of ``method`` (DINO with ``local_crops`` local crops; the preset's
+    own is 6), with dotted-key ``overrides``; a ``batch_size`` of 0 keeps the table's."""
+    spec_path, batch = METHODS[method]
+    overrides = {**overrides, "batch_size": overrides.get("batch_size") or batch}
+    return load_config(os.path.join(ROOT, spec_path.format(local_crops=local_crops)), overrides)
 
 
 def torch_spec(config: ml_collections.ConfigDict, method: Any) -> dict[str, Any]:
@@ -140,7 +149,9 @@ class TorchPeer:
         return json.loads(line)
 
     def run(self, mode: str, steps: int) -> list[float]:
-        return self._ask({"mode": mode, "steps": steps})["times"]
+        reply = self._ask({"mode": mode, "steps": steps})
+        self.max_rss_mb = reply.get("max_rss_mb", float("nan"))  # the peer's peak so far
+        return reply["times"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -151,10 +162,9 @@ class TorchPeer:
 
 def compare(method: str, steps: int, rounds: int, python: str, batch_size: int = 0,
             warmup: int = 2, threads: int = 2, flush_denormal: bool = True,
-            torch_malloc: str = "system", dtype: str = "float32") -> dict[str, Any]:
-    spec_path, batch = METHODS[method]
-    config = load_config(os.path.join(ROOT, spec_path),
-                         {"batch_size": batch_size or batch, "model.dtype": dtype})
+            torch_malloc: str = "system", dtype: str = "float32", local_crops: int = 2
+            ) -> dict[str, Any]:
+    config = method_config(method, {"batch_size": batch_size, "model.dtype": dtype}, local_crops)
     load_before = os.getloadavg()[0]
     bench = StepBench(config)
     spec = {**torch_spec(config, bench.method), "warmup": warmup, "threads": threads,
@@ -210,6 +220,8 @@ def main() -> None:
                         "users run it); inherit: the same allocator as the JAX side")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype: the project's config.model.dtype, torch's autocast")
+    parser.add_argument("--local_crops", type=int, default=2,
+                        help="DINO's local crops (the CIFAR-10 preset has 6)")
     parser.add_argument("--peers_python", default=os.environ.get(
         "SSL_JAX_PEERS_PYTHON", "/tmp/peers/bin/python"))
     args = parser.parse_args()
@@ -222,7 +234,8 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     result = compare(args.method, steps, rounds, args.peers_python, args.batch_size,
                      threads=args.threads, flush_denormal=not args.torch_denormals,
-                     torch_malloc=args.torch_malloc, dtype=args.dtype)
+                     torch_malloc=args.torch_malloc, dtype=args.dtype,
+                     local_crops=args.local_crops)
     for key, value in result.items():
         print(f"  {key:<26} {value:.4g}" if isinstance(value, float) else f"  {key:<26} {value}")
     print(json.dumps({"method": args.method, **result}))

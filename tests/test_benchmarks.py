@@ -171,3 +171,27 @@ def test_conv_layers_report_weights_each_layer_by_its_count():
     text = conv_layers.report([jax_round], [torch_round], 2)
     assert "| **total** | | 20 / 40 (2.00x) | 20 / 40 (2.00x) | 20 / 40 (2.00x) |" in text
     assert "JAX 60 ms, torch 120 ms, ratio 2.00x" in text
+
+
+def test_peak_rss_is_this_process_high_water_mark():
+    from benchmarks.memory import peak_rss_mb
+
+    before = peak_rss_mb()
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, every page written
+    after = peak_rss_mb()
+    del block
+    assert before > 10 and after - before > 250
+    # A high-water mark stays up when the block is freed (within the kernel's lazily summed
+    # per-thread RSS counters: tens of kB).
+    assert peak_rss_mb() > after - 16
+
+
+def test_batch_sweep_table_has_one_line_per_batch():
+    from benchmarks.batch_sweep import table
+
+    row = {"batch": 256, "jax_s": 12.5, "torch_s": 6.25, "ratio_vs_torch_eager": 0.5,
+           "jax_images_per_s_per_core": 10.24, "torch_images_per_s_per_core": 20.48,
+           "jax_temp_gib": 3.59, "jax_peak_rss_gb": 5.26, "torch_peak_rss_gb": 3.0}
+    lines = table([row, {**row, "batch": 512}]).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 256 |") and lines[3].startswith("| 512 |")
+    assert "**0.50x**" in lines[2] and "3.59 GiB" in lines[2] and "3.00 GB |" in lines[2]
