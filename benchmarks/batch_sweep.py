@@ -55,7 +55,6 @@ class FeatureBench:
         size = config.data.image_size
         self.images = np.random.default_rng(0).integers(
             0, 256, (config.eval.batch_size, size, size, 3), dtype=np.uint8)
-        self.temp_bytes = float("nan")
 
     def run(self, steps: int) -> list[float]:
         times = []
@@ -74,6 +73,8 @@ def measure_one(method: str, batch: int, steps: int, rounds: int, warmup: int, f
 
     key = "eval.batch_size" if features else "batch_size"
     config = method_config(method, {key: batch})
+    cores = len(os.sched_getaffinity(0))
+    temp_bytes = float("nan")  # XLA's temporaries: of the train step only
     if features:
         bench = FeatureBench(config)
         spec = {**torch_spec(config, bench.encoder.method), "batch_size": batch,
@@ -81,10 +82,10 @@ def measure_one(method: str, batch: int, steps: int, rounds: int, warmup: int, f
     else:
         bench = StepBench(config)
         bench.compile()
-        bench.temp_bytes = bench.step.compiled.memory_analysis().temp_size_in_bytes
+        temp_bytes = bench.step.compiled.memory_analysis().temp_size_in_bytes
         spec = torch_spec(config, bench.method)
     bench.run(warmup)
-    peer = TorchPeer(python, {**spec, "warmup": warmup, "threads": len(os.sched_getaffinity(0)),
+    peer = TorchPeer(python, {**spec, "warmup": warmup, "threads": cores,
                               "flush_denormal": True, "modes": ["eager"]})
     jax_times, torch_times, ratios = [], [], []
     try:
@@ -94,10 +95,9 @@ def measure_one(method: str, batch: int, steps: int, rounds: int, warmup: int, f
             jax_times += this["jax"]
             torch_times += this["torch"]
             ratios.append(statistics.median(this["torch"]) / statistics.median(this["jax"]))
-        torch_rss = peer.max_rss_mb
+        torch_rss = peer.peak_rss_mb
     finally:
         peer.close()
-    cores = len(os.sched_getaffinity(0))
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     return {"method": method, "mode": "features" if features else "step", "batch": batch,
             "cores": cores, "jax_s": jax_s, "torch_s": torch_s,
@@ -105,7 +105,7 @@ def measure_one(method: str, batch: int, steps: int, rounds: int, warmup: int, f
             "ratio_per_round": [round(x, 3) for x in ratios],
             "jax_images_per_s_per_core": batch / jax_s / cores,
             "torch_images_per_s_per_core": batch / torch_s / cores,
-            "jax_temp_gib": bench.temp_bytes / GIB, "jax_peak_rss_gb": peak_rss_mb() / 1024,
+            "jax_temp_gib": temp_bytes / GIB, "jax_peak_rss_gb": peak_rss_mb() / 1024,
             "torch_peak_rss_gb": torch_rss / 1024}
 
 

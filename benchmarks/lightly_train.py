@@ -223,7 +223,9 @@ class SimMIM(nn.Module):
         return self.criterion(pred, target)
 
 
-VIT_SIZES = {"ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12)}  # the project's names
+# (dim, depth, heads) of the project's ViT names (ssl_jax.models.vit.VIT_SIZES, which this
+# JAX-free process cannot import).
+VIT_SIZES = {"ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12)}
 MODELS = {"byol": BYOL, "moco_v2": MoCo, "simmim": SimMIM}
 
 
@@ -276,7 +278,8 @@ def main() -> None:
     if method == "simmim":
         model = SimMIM(config).to(device)
         transform = simmim_transform(config["aug"]["view1"])
-        optim, lr_at = adamw(model, config["optim"], batch, steps, 50000 // batch)
+        optim, lr_at = adamw(model, config["optim"], batch, steps, steps_per_epoch)
+        clip = config["optim"]["grad_clip_norm"]
     else:
         width = config["model"].get("width_multiplier", 1.0)
         model = MODELS[method](config[method], width, int(512 * width)).to(device)
@@ -288,7 +291,7 @@ def main() -> None:
         def lr_at(step: int) -> float:
             return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
 
-    clip = config["optim"]["grad_clip_norm"] if method == "simmim" else 0.0
+        clip = 0.0  # lightly's benchmark does not clip
     data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers,

@@ -6,9 +6,9 @@ JAX. Protocol, one JSON object per line: the first line on stdin is the spec tha
 derives from the project's config; this process builds an eager step and a ``torch.compile``-d
 one (same initial weights; ``"modes"`` in the spec may name only one), answers ``{"ready": ...}``,
 then answers every ``{"mode": "eager"|"compile", "steps": K}`` with ``{"times": [seconds per
-step], "max_rss_mb": peak resident set so far}``; ``{"quit": true}`` ends it. A spec with
-``"features": true`` times the evaluation job's work instead: the backbone's forward in eval
-mode under ``torch.inference_mode`` on the normalised batch, no loss, no update.
+step], "peak_rss_mb": this process's high-water mark so far}``; ``{"quit": true}`` ends it. A
+spec with ``"features": true`` times the evaluation job's work instead: the backbone's forward
+in eval mode under ``torch.inference_mode`` on the normalised batch, no loss, no update.
 
 A step is what the project's jitted step does: batched augmentation of uint8 images on the
 device (here: the CPU) with per-example random parameters, the forward pass(es), the loss, the
@@ -365,7 +365,7 @@ def main() -> None:
             start = time.perf_counter()
             step(images)
             times.append(time.perf_counter() - start)
-        print(json.dumps({"times": times, "max_rss_mb": peak_rss_mb()}), flush=True)
+        print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ class TorchPeer:
         self.proc = subprocess.Popen(
             [python, os.path.join(ROOT, "benchmarks", "torch_peer.py")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env=env)
+        self.peak_rss_mb = float("nan")  # known after the first run()
         self.ready = self._ask(spec)["ready"]
 
     def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +151,7 @@ class TorchPeer:
 
     def run(self, mode: str, steps: int) -> list[float]:
         reply = self._ask({"mode": mode, "steps": steps})
-        self.max_rss_mb = reply.get("max_rss_mb", float("nan"))  # the peer's peak so far
+        self.peak_rss_mb = reply["peak_rss_mb"]  # the peer's high-water mark so far
         return reply["times"]
 
     def close(self) -> None:
