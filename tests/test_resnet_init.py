@@ -46,27 +46,3 @@ def test_resnet_init_schemes_match_their_formulas(tiny_resnet):
         assert np.all(bn2 == (0.0 if scheme == "goyal" else 1.0)), scheme
     with pytest.raises(ValueError, match=r"init_scheme='he' is unknown; use one of"):
         model.clone(init_scheme="he").init(key(), x, train=False)
-
-
-def test_heads_follow_a_pytorch_init_encoder(tiny_resnet):
-    """A head on a 'pytorch'-init encoder starts as torch.nn.Linear does (kernel and bias
-    U(+-1/sqrt(fan_in))); on the other schemes as flax's Dense (LeCun normal, zero bias)."""
-    from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
-
-    model, _ = tiny_resnet
-    fan_in = 256
-    x = np.zeros((2, fan_in), np.float32)
-    for scheme in ("goyal", "torchvision", "pytorch"):
-        torch_init = follows_torch_init(model.clone(init_scheme=scheme))
-        assert torch_init == (scheme == "pytorch")
-        head = ProjectionMLP(hidden_dim=512, out_dim=64, use_bn=False, torch_init=torch_init)
-        dense = head.init(key(), x, train=False)["params"]["dense0"]
-        kernel, bias = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
-        bound = 1.0 / np.sqrt(fan_in)
-        if torch_init:
-            assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
-            assert kernel.std() == pytest.approx(bound / np.sqrt(3.0), rel=0.05)
-            assert bias.std() == pytest.approx(bound / np.sqrt(3.0), rel=0.15)
-        else:
-            assert kernel.std() == pytest.approx(bound, rel=0.05)  # LeCun normal: 1/sqrt(fan_in)
-            assert np.all(bias == 0.0)

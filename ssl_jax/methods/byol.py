@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from ssl_jax.methods.momentum import MomentumMethod
 from ssl_jax.methods.ssl_math import feature_std, l2_normalize
-from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
+from ssl_jax.models.heads import ProjectionMLP
 
 
 def byol_loss(prediction: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -47,12 +47,12 @@ class BYOL(MomentumMethod):
                    "momentum_cosine", "eval_encoder")
 
     def make_heads(self):
-        cfg, dtype, torch_init = self.cfg, self.encoder.dtype, follows_torch_init(self.encoder)
+        cfg, dtype = self.cfg, self.encoder.dtype
         # BYOL's MLP: Linear -> BN -> ReLU -> Linear, for the projector and the predictor.
         projector = ProjectionMLP(hidden_dim=cfg.proj_hidden_dim, out_dim=cfg.proj_out_dim,
-                                  num_layers=2, last_bn=False, dtype=dtype, torch_init=torch_init)
+                                  num_layers=2, last_bn=False, dtype=dtype)
         predictor = ProjectionMLP(hidden_dim=cfg.pred_hidden_dim, out_dim=cfg.proj_out_dim,
-                                  num_layers=2, last_bn=False, dtype=dtype, torch_init=torch_init)
+                                  num_layers=2, last_bn=False, dtype=dtype)
         return projector, predictor
 
     def loss(self, params, extra, batch, rng, step):

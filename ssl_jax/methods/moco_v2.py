@@ -61,7 +61,7 @@ from ssl_jax.methods.ssl_math import (
     l2_normalize,
     queue_info_nce,
 )
-from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
+from ssl_jax.models.heads import ProjectionMLP
 
 
 class MoCoV2(MomentumMethod):
@@ -90,8 +90,7 @@ class MoCoV2(MomentumMethod):
         # MoCo v2's MLP head: Linear(2048) -> ReLU -> Linear(128), no BatchNorm.
         cfg = self.cfg
         return ProjectionMLP(hidden_dim=cfg.proj_hidden_dim, out_dim=cfg.proj_out_dim,
-                             num_layers=2, use_bn=False, dtype=self.encoder.dtype,
-                             torch_init=follows_torch_init(self.encoder)), None
+                             num_layers=2, use_bn=False, dtype=self.encoder.dtype), None
 
     def init_extra(self, rng: jax.Array) -> dict[str, Any]:
         """A queue of random unit keys (MoCo's ``randn`` normalised) and its pointer at row 0."""

@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from ssl_jax.config import require
 from ssl_jax.methods.momentum import MomentumMethod
 from ssl_jax.methods.ssl_math import feature_std, info_nce
-from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
+from ssl_jax.models.heads import ProjectionMLP
 from ssl_jax.models.vit import ViT
 
 
@@ -65,14 +65,13 @@ class MoCoV3(MomentumMethod):
             self.frozen = ("patch_embed",)
 
     def make_heads(self):
-        cfg, dtype, torch_init = self.cfg, self.encoder.dtype, follows_torch_init(self.encoder)
+        cfg, dtype = self.cfg, self.encoder.dtype
         # Linear (no bias) -> BN -> ReLU hidden layers; the last Linear -> BN(affine=False).
         projector = ProjectionMLP(hidden_dim=cfg.proj_hidden_dim, out_dim=cfg.proj_out_dim,
-                                  num_layers=cfg.proj_layers, last_bn_scale=False, dtype=dtype,
-                                  torch_init=torch_init)
+                                  num_layers=cfg.proj_layers, last_bn_scale=False, dtype=dtype)
         predictor = ProjectionMLP(hidden_dim=cfg.pred_hidden_dim, out_dim=cfg.proj_out_dim,
                                   num_layers=2, last_bn=cfg.pred_last_bn, last_bn_scale=False,
-                                  dtype=dtype, torch_init=torch_init)
+                                  dtype=dtype)
         return projector, predictor
 
     def loss(self, params, extra, batch, rng, step):

@@ -31,7 +31,7 @@ import optax
 from ssl_jax.config import require
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.methods.ssl_math import apply_network, split_variables
-from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
+from ssl_jax.models.heads import ProjectionMLP
 from ssl_jax.models.vit import ViT
 
 HEAD_KEYS = ("head_hidden_dim", "head_layers")
@@ -74,8 +74,7 @@ class PretextClassifier(MethodBase):
         self.num_classes = num_classes
         self.head = ProjectionMLP(hidden_dim=cfg.head_hidden_dim, out_dim=num_classes,
                                   num_layers=cfg.head_layers, use_bn=True, last_bn=False,
-                                  dtype=self.encoder.dtype,
-                                  torch_init=follows_torch_init(self.encoder))
+                                  dtype=self.encoder.dtype)
 
     def check_input_side(self, side: int, key: str) -> None:
         """A ViT encoder's patches must tile the task's inputs of ``side`` px (``key`` names the

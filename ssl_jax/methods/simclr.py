@@ -28,7 +28,7 @@ from ssl_jax.config import require
 from ssl_jax.data import augment
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.methods.ssl_math import apply_network, feature_std, nt_xent, split_variables
-from ssl_jax.models.heads import ProjectionMLP, follows_torch_init
+from ssl_jax.models.heads import ProjectionMLP
 
 
 class SimCLR(MethodBase):
@@ -48,7 +48,6 @@ class SimCLR(MethodBase):
             num_layers=cfg.proj_layers,
             use_bn=cfg.proj_bn,
             dtype=self.encoder.dtype,
-            torch_init=follows_torch_init(self.encoder),
         )
 
     def augment(self, rng: jax.Array, images: jax.Array, image_hw: jax.Array | None = None

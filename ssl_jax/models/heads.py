@@ -13,25 +13,6 @@ import jax.numpy as jnp
 
 from ssl_jax.models.layers import Conv, Dense
 
-# torch.nn.Linear's default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) for the kernel, and
-# U(+-1/sqrt(fan_in)) for the bias.
-_TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _torch_bias_init(fan_in: int):
-    bound = 1.0 / fan_in**0.5
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def follows_torch_init(encoder: nn.Module) -> bool:
-    """True when ``encoder`` starts from torch's default layer init (a ResNet with
-    ``init_scheme='pytorch'``): its heads then do too (``ProjectionMLP.torch_init``)."""
-    return getattr(encoder, "init_scheme", None) == "pytorch"
-
 
 class ProjectionMLP(nn.Module):
     """The projection MLP g(h): SimCLR v2's head (Chen et al., 2020b), and with
@@ -43,11 +24,6 @@ class ProjectionMLP(nn.Module):
     ``BatchNorm1d(affine=False)``); with ``last_bn=False`` the last is a plain Dense with bias
     (BYOL's MLP: Linear -> BN -> ReLU -> Linear; MoCo v3's ResNet predictor). Without
     BatchNorm: Dense (bias) -> ReLU hidden layers, last Dense with bias (MoCo v2's head).
-
-    ``torch_init``: the Dense layers start as ``torch.nn.Linear``'s default (kernel and bias
-    U(+-1/sqrt(fan_in))) instead of flax's (LeCun normal kernel, zero bias), for encoders whose
-    ``init_scheme`` is 'pytorch' (:func:`follows_torch_init`): a recipe ported from code that
-    sets no init of its own, as lightly's, keeps torch's defaults in the head too.
 
     `__call__(x [batch, d], train) -> [batch, out_dim]` (float32). BatchNorm statistics are in
     'batch_stats' and update only with `train=True`.
@@ -63,7 +39,6 @@ class ProjectionMLP(nn.Module):
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
-    torch_init: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -76,9 +51,7 @@ class ProjectionMLP(nn.Module):
             last = i == self.num_layers - 1
             width = self.out_dim if last else self.hidden_dim
             bn = self.use_bn and (self.last_bn or not last)
-            inits = (dict(kernel_init=_TORCH_KERNEL_INIT, bias_init=_torch_bias_init(x.shape[-1]))
-                     if self.torch_init else {})
-            x = Dense(width, use_bias=not bn, dtype=self.dtype, name=f"dense{i}", **inits)(x)
+            x = Dense(width, use_bias=not bn, dtype=self.dtype, name=f"dense{i}")(x)
             if bn:
                 x = nn.BatchNorm(
                     use_running_average=not train,
