@@ -1,11 +1,12 @@
-r"""lightly's side of the accuracy comparison (``lightly_train.py``): each class is one method
-built from lightly's pieces with a project run's sizes, exposing ``trained()`` (the parameters
-the optimizer updates) and ``loss(*views)``; the loop sets ``step`` and ``progress`` (the share
-of training done) before each step for the schedules, and calls ``after_backward()`` and
-``after_step()`` where a class has them; ``exported()`` gives a ViT's encoder weights. The
-ResNet methods follow lightly's ``cifar10_benchmark.py``; MoCo v3, SimMIM and iBOT, which that
-benchmark lacks, follow lightly's examples (``examples/pytorch``) and the papers where the
-examples simplify (said in each class). Runs under the peers' Python only.
+r"""lightly's side of the accuracy comparison (``lightly_train.py``): each class is one method built
+from lightly's pieces with a project run's sizes, exposing ``trained()`` (the parameters the
+optimizer updates) and ``loss(*views)``, built as ``Class(run_config, steps_per_epoch)``; the
+loop sets ``step`` and ``progress`` (the share of training done) before each step for the
+schedules, and calls ``after_backward()`` and ``after_step()`` where a class has them;
+``exported()`` gives a ViT's encoder weights. The ResNet methods follow lightly's
+``cifar10_benchmark.py``; MoCo v3, SimMIM and iBOT, which that benchmark lacks, follow lightly's
+examples (``examples/pytorch``) and the papers where the examples simplify (said in each class).
+Runs under the peers' Python only.
 """
 
 from __future__ import annotations
@@ -61,29 +62,30 @@ def frozen_copy(module: nn.Module, twin: nn.Module | None = None) -> nn.Module:
     return twin.eval()
 
 
-def backbone(width: float, num_splits: int) -> nn.Module:
-    """lightly's CIFAR ResNet-18 (3x3 stem, no max-pool), pooled features out (its classifier
-    replaced by the identity: its forward pools the last stage and flattens)."""
+def backbone(config: dict, num_splits: int) -> tuple[nn.Module, int]:
+    """lightly's CIFAR ResNet-18 (3x3 stem, no max-pool) at the run's ``width_multiplier``,
+    pooled features out (its classifier replaced by the identity: its forward pools the last
+    stage and flattens). Returns ``(resnet, feature dimension)``."""
+    width = config["model"].get("width_multiplier", 1.0)
     resnet = ResNetGenerator("resnet-18", width=width, num_splits=num_splits)
     resnet.linear = nn.Identity()
-    return resnet
+    return resnet, int(512 * width)
 
 
 class BYOL(nn.Module):
     """lightly's ``BYOLModel``: 0.5 (-cos(p0, z1) - cos(p1, z0)), momentum 0.99."""
 
-    def __init__(self, cfg: dict, width: float, dim: int):
+    def __init__(self, config: dict, steps_per_epoch: int):
         super().__init__()
-        self.backbone = backbone(width, 0)
+        cfg = config["byol"]
+        self.backbone, dim = backbone(config, 0)
         self.projection_head = heads.BYOLProjectionHead(dim, cfg["proj_hidden_dim"],
                                                         cfg["proj_out_dim"])
         self.prediction_head = heads.BYOLPredictionHead(cfg["proj_out_dim"],
                                                         cfg["pred_hidden_dim"],
                                                         cfg["proj_out_dim"])
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        utils.deactivate_requires_grad(self.backbone_momentum)
-        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.backbone_momentum = frozen_copy(self.backbone).train()  # BN batch statistics
+        self.projection_head_momentum = frozen_copy(self.projection_head).train()
         self.criterion = NegativeCosineSimilarity()
 
     def trained(self) -> list[nn.Parameter]:
@@ -104,15 +106,14 @@ class MoCo(nn.Module):
     """lightly's ``MocoModel``: split BatchNorm (8 groups), shuffled keys, symmetric NT-Xent
     against a memory bank, momentum 0.99."""
 
-    def __init__(self, cfg: dict, width: float, dim: int):
+    def __init__(self, config: dict, steps_per_epoch: int):
         super().__init__()
-        self.backbone = backbone(width, 8)
+        cfg = config["moco_v2"]
+        self.backbone, dim = backbone(config, 8)
         self.projection_head = heads.MoCoProjectionHead(dim, cfg["proj_hidden_dim"],
                                                         cfg["proj_out_dim"])
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        utils.deactivate_requires_grad(self.backbone_momentum)
-        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.backbone_momentum = frozen_copy(self.backbone).train()  # BN batch statistics
+        self.projection_head_momentum = frozen_copy(self.projection_head).train()
         self.criterion = NTXentLoss(temperature=cfg["temperature"],
                                     memory_bank_size=(cfg["queue_size"], cfg["proj_out_dim"]))
 
@@ -144,7 +145,7 @@ class SimMIM(nn.Module):
     the same (``--set model.pos_embed=sincos --set model.rel_pos_bias=False --set
     model.init_scheme=mae``)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, steps_per_epoch: int):
         super().__init__()
         size = config["aug"]["view1"]["size"]
         vit, self.patch = timm_vit(config["model"], size)
@@ -190,9 +191,10 @@ class MoCoV3(nn.Module):
     official loss (lightly has none for v3): ``ctr(q1, k2) + ctr(q2, k1)`` with
     ``ctr(q, k) = 2T CE(q k^T / T, diagonal)``, negatives the other images of the batch."""
 
-    def __init__(self, cfg: dict, width: float, dim: int):
+    def __init__(self, config: dict, steps_per_epoch: int):
         super().__init__()
-        self.backbone = backbone(width, 0)
+        cfg = config["moco_v3"]
+        self.backbone, dim = backbone(config, 0)
         out = cfg["proj_out_dim"]
         self.projection_head = heads.MoCoProjectionHead(dim, cfg["proj_hidden_dim"], out,
                                                         num_layers=cfg["proj_layers"],

@@ -58,17 +58,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 
+def pil_blur_p(view: dict) -> float:
+    """The view's blur probability; lightly blurs with PIL's Gaussian, so a blurred view must
+    use the project's ``blur_kernel='pil'``."""
+    p = view.get("blur_p", 0.0)
+    if p and view.get("blur_kernel") != "pil":
+        sys.exit("lightly_train.py: lightly blurs with PIL's Gaussian; a view with blur_p > 0 "
+                 f"needs blur_kernel='pil' (this one has {view.get('blur_kernel')!r})")
+    return p
+
+
 def view_transform(view: dict) -> BYOLView1Transform:
     """lightly's BYOL view (crop, flip, jitter, grey, blur, solarize) with the project view's
     values."""
-    if view.get("blur_p", 0.0) and view.get("blur_kernel") != "pil":
-        sys.exit("lightly_train.py: lightly blurs with PIL's Gaussian; a view with blur_p > 0 "
-                 f"needs blur_kernel='pil' (this one has {view.get('blur_kernel')!r})")
     return BYOLView1Transform(
         input_size=view["size"], cj_prob=view["color_jitter_p"], cj_strength=view["color_jitter"],
         cj_bright=view["brightness"], cj_contrast=view["contrast"], cj_sat=view["saturation"],
         cj_hue=view["hue"], min_scale=view["crop_scale"][0], random_gray_scale=view["grayscale_p"],
-        gaussian_blur=view.get("blur_p", 0.0), sigmas=tuple(view["blur_sigma"]),
+        gaussian_blur=pil_blur_p(view), sigmas=tuple(view["blur_sigma"]),
         solarization_prob=view.get("solarize_p", 0.0), hf_prob=0.5 if view["flip"] else 0.0)
 
 
@@ -76,14 +83,12 @@ def multicrop_transform(aug: dict) -> MultiViewTransform:
     """iBOT's crops as lightly's ``IBOTViewTransform``s with the run's values: two global
     crops (``view1``, ``view2``) and ``num_local_crops`` of ``local``."""
     def one(view: dict) -> IBOTViewTransform:
-        if view.get("blur_p", 0.0) and view.get("blur_kernel") != "pil":
-            sys.exit("lightly_train.py: a multi-crop view with blur_p > 0 needs blur_kernel='pil'")
         return IBOTViewTransform(
             crop_size=view["size"], crop_scale=tuple(view["crop_scale"]),
             hf_prob=0.5 if view["flip"] else 0.0, cj_prob=view["color_jitter_p"],
             cj_strength=view["color_jitter"], cj_bright=view["brightness"],
             cj_contrast=view["contrast"], cj_sat=view["saturation"], cj_hue=view["hue"],
-            random_gray_scale=view["grayscale_p"], gaussian_blur=view.get("blur_p", 0.0),
+            random_gray_scale=view["grayscale_p"], gaussian_blur=pil_blur_p(view),
             sigmas=tuple(view["blur_sigma"]), solarization_prob=view.get("solarize_p", 0.0))
     return MultiViewTransform([one(aug["view1"]), one(aug["view2"])]
                               + [one(aug["local"])] * aug.get("num_local_crops", 0))
@@ -203,24 +208,21 @@ def main() -> None:
              or int(round(config["num_epochs"] * steps_per_epoch)))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
-    o = config["optim"]
+    model = MODELS[method](config, steps_per_epoch).to(device)
+    aug, o = config["aug"], config["optim"]
+    if method == "simmim":
+        transform = simmim_transform(aug["view1"])
+    elif method == "ibot":
+        transform = multicrop_transform(aug)
+    else:
+        transform = MultiViewTransform([view_transform(aug["view1"]), view_transform(aug["view2"])])
     if method in ("simmim", "ibot"):  # the examples' AdamW with the run's schedule and clipping
-        if method == "simmim":
-            model = MODELS[method](config)
-            transform = simmim_transform(config["aug"]["view1"])
-        else:
-            model = MODELS[method](config, steps_per_epoch)
-            transform = multicrop_transform(config["aug"])
-        model = model.to(device)
         optim, set_step = adamw(model, o, batch, steps, steps_per_epoch)
         clip, clip_kind = o["grad_clip_norm"], o.get("grad_clip_kind", "global")
     else:  # lightly's CIFAR-10 benchmark: SGD, no clipping
-        width = config["model"].get("width_multiplier", 1.0)
-        model = MODELS[method](config[method], width, int(512 * width)).to(device)
-        transform = MultiViewTransform([view_transform(config["aug"]["view1"]),
-                                        view_transform(config["aug"]["view2"])])
         optim, set_step = lightly_sgd(model, batch, steps)
         clip, clip_kind = 0.0, "global"
+    trained = model.trained()
     data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers,
@@ -239,7 +241,7 @@ def main() -> None:
                 loss.backward()
                 if hasattr(model, "after_backward"):
                     model.after_backward()
-                clip_gradients(model.trained(), clip, clip_kind)
+                clip_gradients(trained, clip, clip_kind)
                 optim.step()
                 if hasattr(model, "after_step"):
                     model.after_step()
