@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import ibot as ibot_config
@@ -84,6 +85,7 @@ def test_loss_matches_the_official_ibot_loss():
     the same maths with K' = K (its step runs in the 1-vs-8-device test)."""
     shared_head = False
     config = _config(**{"ibot.shared_head": shared_head, "ibot.patch_out_dim": 48,
+                        "ibot.head_bn": False,  # the student's head on the masked patches
                         "ibot.cls_loss_weight": 0.7, "ibot.patch_loss_weight": 1.3,
                         "ibot.teacher_patch_temp": 0.06, "ibot.student_temp": 0.2})
     method = methods.create(config, None, total_steps=6, steps_per_epoch=3)
@@ -97,16 +99,23 @@ def test_loss_matches_the_official_ibot_loss():
     outs = record_calls(method, "tokens_out")
     local = record_calls(method, "local_cls_out")
     masks = record_calls(method, "masks")
+    kept = record_calls(method, "masked_first")
 
     @jax.jit
     def run(params, extra, images):  # the recorded networks' outputs leave the same trace
         loss, (metrics, new) = method.loss(params, extra, {"image": images}, jax.random.key(1), 0)
-        return loss, metrics, new, outs[0][0], outs[1][0], local[0][0], masks[0]
+        return loss, metrics, new, outs[0][0], outs[1][0], local[0][0], masks[0], kept[0]
 
-    loss, metrics, new, student, teacher, local_cls, mask = run(params, extra,
-                                                               jnp.asarray(_images()))
+    loss, metrics, new, student, teacher, local_cls, mask, keep = run(params, extra,
+                                                                     jnp.asarray(_images()))
     (s_cls, s_patch), (t_cls, t_patch), mask = student, teacher, np.asarray(mask)
-    assert s_patch.shape == (16, 2, 16, kp) and local_cls.shape == (16, 2, k)
+    # The student's head saw floor(0.5 * 16) = 8 patches per crop, every masked one among them:
+    # back on the 4x4 grid (the others are not read by the loss).
+    assert s_patch.shape == (16, 2, 8, kp) and local_cls.shape == (16, 2, k)
+    assert np.array_equal(np.take_along_axis(mask, np.asarray(keep), 2).sum(-1), mask.sum(-1))
+    on_grid = np.zeros((16, 2, 16, kp))
+    np.put_along_axis(on_grid, np.asarray(keep)[..., None], np.asarray(s_patch), 2)
+    s_patch = on_grid
     crops_masked = mask.any(-1)
     assert crops_masked.any() and not crops_masked.all()  # some crops unmasked (mask_prob 0.5)
     views = lambda a, n: [np.asarray(a[:, i], np.float64) for i in range(n)]
@@ -119,6 +128,31 @@ def test_loss_matches_the_official_ibot_loss():
     np.testing.assert_allclose(loss, ref_cls + ref_patch, rtol=1e-5)
     np.testing.assert_allclose(new["center"], ref_c, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new["patch_center"], ref_c2, rtol=1e-5, atol=1e-6)
+
+
+def test_the_student_head_on_the_masked_patches_alone_changes_no_loss_or_gradient():
+    """The student's head sees floor(hi * N) patches per crop, the masked ones first: the loss,
+    its gradients and the new centres equal those of the head on all N patches (which a head
+    with BatchNorm keeps, its statistics spanning every token)."""
+    method = methods.create(_config(**{"ibot.head_bn": False}), None, total_steps=6,
+                            steps_per_epoch=3)
+    assert method.patch_budget == 8  # floor(0.5 * 16) on the 4x4 grid
+    params, extra = method.init(jax.random.key(0), {"image": jnp.asarray(_images())})
+    images = jnp.asarray(_images())
+
+    def loss_and_grads(budget):
+        method.patch_budget = budget
+        fn = jax.value_and_grad(lambda p: method.loss(p, extra, {"image": images},
+                                                      jax.random.key(1), 0), has_aux=True)
+        return jax.jit(fn)(params)
+
+    (gathered, (_, new), grads), (every, (_, new_all), grads_all) = [
+        (loss, aux, g) for (loss, aux), g in (loss_and_grads(8), loss_and_grads(16))]
+    np.testing.assert_allclose(gathered, every, rtol=1e-5)
+    chex.assert_trees_all_close(grads, grads_all, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(new["patch_center"], new_all["patch_center"], rtol=1e-5)
+    assert float(optax.tree.norm(grads["head"])) > 0
+    assert methods.create(_config(), None).patch_budget == 16  # digits' head has BatchNorm
 
 
 def test_masks_cover_half_of_the_global_crops_in_blocks_within_the_ratio():

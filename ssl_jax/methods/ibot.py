@@ -22,6 +22,13 @@ global batch, momentum ``patch_center_momentum``) and temperature (``warmup_teac
 tokens go through the same head (:class:`~ssl_jax.methods.distillation.DINOHead`, ``shared_head``,
 the paper's default) or the same MLP and separate last layers (``patch_out_dim`` outputs).
 
+Only masked patches enter ``L_patch``, and a crop has at most ``floor(hi * N)`` of them
+(``mask_ratio = (lo, hi)``), so the student's head runs on that many patches per crop (the
+masked ones first; :meth:`IBOT.masked_first`) instead of all ``N``: the same loss and gradients
+for half of the student's patch-head work at ``hi = 0.5`` (a head with BatchNorm still sees
+every token, its statistics span them). The teacher's head sees every patch: its centre is their
+mean.
+
 ``extra`` holds the teacher, both centres and BatchNorm statistics; evaluation uses the
 teacher's backbone.
 
@@ -85,6 +92,11 @@ class IBOT(SelfDistillation):
         size = self.global_views[0].size
         self.grid = (size // self.encoder.patch_size,) * 2
         _check_config(config, self.grid)
+        # A crop has at most floor(hi * N) masked patches (blocks never overshoot their target),
+        # the only ones the patch loss reads: the student's head sees that many per crop. With
+        # BatchNorm in the head its statistics span every token, so the head sees them all.
+        n = self.grid[0] * self.grid[1]
+        self.patch_budget = n if self.cfg.head_bn else math.floor(self.cfg.mask_ratio[1] * n)
 
     def make_head(self) -> DINOHead:
         cfg = self.cfg
@@ -121,13 +133,22 @@ class IBOT(SelfDistillation):
         masks = jax.vmap(lambda k, t: sample(k, num_masked=t))(keys, target)
         return masks.reshape(batch, self.num_global, n)
 
-    def tokens_out(self, encoder, params, state, crops, forward, mask=None):
+    def masked_first(self, mask: jax.Array) -> jax.Array:
+        """``[batch, G, patch_budget]`` patch indices per crop: its masked patches (all of them:
+        at most ``patch_budget``) in grid order, then unmasked ones to fill the budget."""
+        return jnp.argsort(~mask, axis=-1, stable=True)[..., :self.patch_budget]
+
+    def tokens_out(self, encoder, params, state, crops, forward, mask=None, keep=None):
         """``crops [batch, V, s, s, 3]`` (and their ``mask [batch, V, N]``) through ``encoder``
-        and the head -> ``((cls [batch, V, K], patches [batch, V, N, P]), BatchNorm state)``."""
+        and the head -> ``((cls [batch, V, K], patches [batch, V, N, P]), BatchNorm state)``;
+        with ``keep [batch, V, M]`` the head sees those patches only (``[batch, V, M, P]``)."""
         batch, views = crops.shape[:2]
         kwargs = {} if mask is None else {"bool_masked_pos": mask.reshape(batch * views, -1)}
         tokens, enc_state = forward(encoder, params["encoder"], state["encoder"],
                                     multicrop.flatten_views(crops), return_tokens=True, **kwargs)
+        if keep is not None:
+            kept = jnp.take_along_axis(tokens[:, 1:], keep.reshape(batch * views, -1, 1), axis=1)
+            tokens = jnp.concatenate([tokens[:, :1], kept], axis=1)
         (cls, patches), head_state = forward(self.head, params["head"], state["head"], tokens)
         out = (cls.reshape(batch, views, -1), patches.reshape(batch, views, *patches.shape[1:]))
         return out, {"encoder": enc_state, "head": head_state}
@@ -146,8 +167,10 @@ class IBOT(SelfDistillation):
         k_aug, k_mask, k_global, k_local = jax.random.split(rng, 4)
         globals_, locals_ = self.augment(k_aug, batch["image"], batch.get("image_hw"))
         mask = self.masks(k_mask, globals_.shape[0])
+        keep = self.masked_first(mask)
         (student_cls, student_patch), state = self.tokens_out(
-            self.encoder, params, extra["state"], globals_, self.student_forward(k_global), mask)
+            self.encoder, params, extra["state"], globals_, self.student_forward(k_global), mask,
+            keep)
         if locals_ is not None:
             local_cls, state = self.local_cls_out(params, state, locals_,
                                                   self.student_forward(k_local))
@@ -158,7 +181,8 @@ class IBOT(SelfDistillation):
         temp, patch_temp = self.teacher_temperature(step), self.patch_temperature(step)
         cls_loss, metrics = dino_loss(student_cls, teacher_cls, extra["center"],
                                       cfg.student_temp, temp)
-        mim_loss = patch_loss(student_patch, teacher_patch, mask, extra["patch_center"],
+        mim_loss = patch_loss(student_patch, jnp.take_along_axis(teacher_patch, keep[..., None], 2),
+                              jnp.take_along_axis(mask, keep, 2), extra["patch_center"],
                               cfg.student_temp, patch_temp)
         loss = cfg.cls_loss_weight * cls_loss + cfg.patch_loss_weight * mim_loss
         center = update_center(extra["center"], teacher_cls, cfg.center_momentum)
