@@ -46,5 +46,5 @@ def hint(backend: str, allocator: str | None = None) -> str | None:
     preload = os.environ.get("LD_PRELOAD", "")
     return ("host allocator: the C library's malloc%s. XLA:CPU steps run about 1.25x faster with "
             "jemalloc or tcmalloc (apt-get install libjemalloc2; the launch/ scripts preload it: "
-            "see docs/benchmarks.md, 'Host allocator')"
+            "see docs/performance.md, 'Host allocator')"
             % (f" (LD_PRELOAD={preload!r} has none of jemalloc/tcmalloc)" if preload else ""))
