@@ -92,9 +92,7 @@ class IBOT(SelfDistillation):
         size = self.global_views[0].size
         self.grid = (size // self.encoder.patch_size,) * 2
         _check_config(config, self.grid)
-        # A crop has at most floor(hi * N) masked patches (blocks never overshoot their target),
-        # the only ones the patch loss reads: the student's head sees that many per crop. With
-        # BatchNorm in the head its statistics span every token, so the head sees them all.
+        # How many patches per crop the student's head sees (the module docstring says why).
         n = self.grid[0] * self.grid[1]
         self.patch_budget = n if self.cfg.head_bn else math.floor(self.cfg.mask_ratio[1] * n)
 
