@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 import torchvision
@@ -179,6 +180,25 @@ def timm_state_dict(net: nn.Module, num_splits: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def dumped_views(path: str, steps: int) -> Iterator[tuple[list[torch.Tensor], None]]:
+    """The batches of ``benchmarks/dump_views.py``'s file as the loader's ``(views, labels)``:
+    every global, then every local crop, ``[batch, 3, size, size]`` normalised as lightly's."""
+    import numpy as np
+
+    with np.load(path) as f:
+        crops = [f["globals"]] + ([f["locals"]] if "locals" in f else [])
+    if len(crops[0]) < steps:
+        sys.exit(f"lightly_train.py: {path} holds {len(crops[0])} batches, the run needs {steps}; "
+                 "dump them with --steps or pass a smaller --steps here")
+    mean, std = (torch.tensor(IMAGENET_NORMALIZE[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+
+    def batch(step: int) -> list[torch.Tensor]:
+        return [(torch.from_numpy(c[step, :, v]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+                for c in crops for v in range(c.shape[2])]
+
+    return ((batch(step), None) for step in range(steps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="project run directory (its config.json)")
@@ -190,6 +210,9 @@ def main() -> None:
     parser.add_argument("--max_seconds", type=float, default=0.0,
                         help="stop after this long (the steps reached are recorded); 0: never")
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (cuda if seen)")
+    parser.add_argument("--views", default="",
+                        help="train on the project's views of the run (benchmarks/dump_views.py "
+                             "writes them) instead of lightly's transforms")
     args = parser.parse_args()
     with open(os.path.join(args.run, "config.json")) as f:
         config = json.load(f, object_hook=lambda d: d.get("__tuple__", d))
@@ -223,11 +246,14 @@ def main() -> None:
         optim, set_step = lightly_sgd(model, batch, steps)
         clip, clip_kind = 0.0, "global"
     trained = model.trained()
-    data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers,
-                                         persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
+    if args.views:
+        loader = dumped_views(args.views, steps)
+    else:
+        data = torchvision.datasets.ImageFolder(os.path.join(args.data_root, "train"), transform)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True,
+                                             drop_last=True, num_workers=args.workers,
+                                             persistent_workers=args.workers > 0,
+                                             pin_memory=device.type == "cuda")
     times, step, began = [], 0, time.time()
     with open(os.path.join(args.out, "log.jsonl"), "w") as log:
         while step < steps:
