@@ -206,12 +206,16 @@ def test_batch_sweep_table_has_one_line_per_batch():
     assert "**0.50x**" in lines[2] and "3.59 GiB" in lines[2] and "3.00 GB |" in lines[2]
 
 
-def test_dump_views_writes_the_runs_crops_reproducibly_and_keeps_an_existing_file(tmp_path):
-    """benchmarks/dump_views.py: uint8 crops of the run's sizes and counts, one batch a step, the
-    same file for the same seed, different crops from step to step, and no overwrite."""
+@pytest.mark.parametrize("method", ["ibot", "simmim"])
+def test_dump_views_writes_the_runs_crops_reproducibly_and_keeps_an_existing_file(tmp_path,
+                                                                                   method):
+    """benchmarks/dump_views.py: uint8 crops of the run's sizes and counts (iBOT's multi-crop,
+    SimMIM's one view), one batch a step, the same file for the same seed, different crops from
+    step to step, and no overwrite."""
+    import importlib
+
     from PIL import Image
 
-    from configs import ibot as ibot_config
     from ssl_jax import config as config_lib
 
     for c in ("a", "b"):
@@ -219,7 +223,7 @@ def test_dump_views_writes_the_runs_crops_reproducibly_and_keeps_an_existing_fil
         for i in range(3):
             pixels = np.random.default_rng(i + 3 * (c == "b")).integers(0, 256, (32, 32, 3))
             Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
-    config = ibot_config.get_config("data=cifar10,runlocal")
+    config = importlib.import_module(f"configs.{method}").get_config("data=cifar10,runlocal")
     config.unlock()
     config.update(batch_size=4, total_steps=3)
     run = tmp_path / "run"
@@ -230,9 +234,14 @@ def test_dump_views_writes_the_runs_crops_reproducibly_and_keeps_an_existing_fil
     for out in ("v1.npz", "v2.npz"):
         subprocess.run(cmd + ["--out", str(tmp_path / out)], check=True, capture_output=True)
     one, two = np.load(tmp_path / "v1.npz"), np.load(tmp_path / "v2.npz")
-    g, s, n = config.aug.view1.size, config.aug.local.size, config.aug.num_local_crops
-    assert one["globals"].shape == (3, 4, 2, g, g, 3) and one["globals"].dtype == np.uint8
-    assert one["locals"].shape == (3, 4, n, s, s, 3)
+    g = config.aug.view1.size
+    if method == "ibot":
+        s, n = config.aug.local.size, config.aug.num_local_crops
+        assert one["globals"].shape == (3, 4, 2, g, g, 3) and one["globals"].dtype == np.uint8
+        assert one["locals"].shape == (3, 4, n, s, s, 3)
+    else:
+        assert one["globals"].shape == (3, 4, 1, g, g, 3) and one["globals"].dtype == np.uint8
+        assert "locals" not in one
     np.testing.assert_array_equal(one["globals"], two["globals"])
     assert not np.array_equal(one["globals"][0], one["globals"][1])
     before = (tmp_path / "v1.npz").read_bytes()
