@@ -290,8 +290,12 @@ def test_vit_sincos_embedding_is_used_and_fixed():
     x = jnp.zeros((1, 16, 16, 3))
     variables = jit_init(model, x)
     assert "pos_embedding" not in variables["params"]
-    # With no blocks and a zero input the patch tokens are conv bias (0) + position embedding.
-    tokens = jit_apply(model, variables, x, train=False, return_tokens=True)
+    # With no blocks, a zero input and the conv bias zeroed (MAE's init draws it uniform), the
+    # patch tokens are the position embedding.
+    params = dict(variables["params"])
+    params["patch_embed"] = {**params["patch_embed"],
+                             "bias": jnp.zeros_like(params["patch_embed"]["bias"])}
+    tokens = jit_apply(model, {"params": params}, x, train=False, return_tokens=True)
     pos = mae_get_2d_sincos_pos_embed(192, 4)
     mean, var = pos.mean(-1, keepdims=True), pos.var(-1, keepdims=True)
     np.testing.assert_allclose(tokens[0, 1:], (pos - mean) / np.sqrt(var + 1e-6), atol=1e-4)

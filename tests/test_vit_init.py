@@ -81,3 +81,19 @@ def test_default_is_mae_and_schemes_share_tokens():
 def test_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match=r"init_scheme='xavier' is unknown; use one of"):
         _params("xavier")
+
+
+@pytest.mark.parametrize("scheme,channels", [("mae", 3), ("dino", 1), ("beit", 3)])
+def test_patch_bias_is_torch_conv2d_default_for_mae_and_dino_and_zero_for_beit(scheme, channels):
+    """MAE's and DINO's ``_init_weights`` leave the patch Conv2d's bias at PyTorch's default,
+    uniform(+-1/sqrt(fan_in)) with fan_in = p * p * input channels; BEiT zeroes it."""
+    model = create_encoder("vit_ti4", image_size=16, depth=1, init_scheme=scheme)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, channels)), train=False)["params"]
+    bias = np.asarray(params["patch_embed"]["bias"])
+    if scheme == "beit":
+        assert not np.any(bias)
+        return
+    bound = 1.0 / np.sqrt(PATCH * PATCH * channels)
+    assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
+    # 192 draws of uniform(+-b): std b / sqrt(3) within ~15%.
+    assert float(np.std(bias)) == pytest.approx(bound / np.sqrt(3.0), rel=0.15)

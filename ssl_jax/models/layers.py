@@ -27,6 +27,8 @@ differs is how XLA:CPU runs them (measured in docs/performance.md):
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -292,3 +294,22 @@ def attention_weights(q: jax.Array, k: jax.Array, bias: jax.Array | None = None)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     return jax.nn.softmax(logits, axis=-1)
+
+
+class PatchEmbed(nn.Conv):
+    """A ViT's patch projection: :data:`Conv`, with the bias drawn as PyTorch's Conv2d draws it
+    when ``torch_bias``: uniform(+-1/sqrt(fan_in)), the fan-in read from the kernel (``patch *
+    patch * input channels``), created just before it. Same parameters as ``Conv``."""
+
+    conv_general_dilated: Any = conv_general_dilated
+    torch_bias: bool = False
+
+    def param(self, name, init_fn, *args, **kwargs):
+        if name == "bias" and self.torch_bias:
+            bound = 1.0 / math.sqrt(math.prod(self.get_variable("params", "kernel").shape[:-1]))
+            init_fn = functools.partial(_uniform, bound=bound)
+        return super().param(name, init_fn, *args, **kwargs)
+
+
+def _uniform(key, shape, dtype, bound: float):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)

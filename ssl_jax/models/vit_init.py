@@ -12,8 +12,11 @@
 
 DINO calls timm's ``trunc_normal_(std=0.02)``, whose cut-off is at +-2 in absolute value, i.e.
 100 standard deviations: a plain normal(0.02), which is what is used here. Biases start at zero
-and LayerNorms at (1, 0) in all three. Tokens (cls, mask, learned position) are
-trunc-normal(0.02) cut at +-2 standard deviations for 'mae' and 'dino', at +-1 for 'beit'.
+and LayerNorms at (1, 0) in all three, except the patch projection's bias for 'mae' and 'dino':
+their ``_init_weights`` touch Linear and LayerNorm modules only, so that bias keeps PyTorch's
+Conv2d default, uniform(+-1/sqrt(fan_in)) (``patch_bias_uniform``; BEiT zeroes it). Tokens
+(cls, mask, learned position) are trunc-normal(0.02) cut at +-2 standard deviations for 'mae'
+and 'dino', at +-1 for 'beit'.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def patch_init(scheme: str) -> nn.initializers.Initializer:
     # PyTorch's Conv2d default: kaiming_uniform(a=sqrt(5)) = uniform(+-sqrt(1 / fan_in)).
     return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
                                             in_axis=(0, 1, 2), out_axis=-1)
+
+
+def patch_bias_uniform(scheme: str) -> bool:
+    """Whether the patch projection's bias starts as PyTorch's Conv2d bias, uniform(+-1 /
+    sqrt(fan_in)) with ``fan_in = patch * patch * channels`` (else zero)."""
+    check_init_scheme(scheme)
+    return scheme in ("mae", "dino")
 
 
 def token_init(scheme: str) -> nn.initializers.Initializer:
