@@ -16,7 +16,8 @@ from ssl_jax.config import ConfigError
 from ssl_jax.data import masking
 from ssl_jax.evaluate import __main__ as evaluate_main
 from ssl_jax.methods import beit
-from ssl_jax.models.vit import relative_position_index, vit
+from ssl_jax.models.vit import vit
+from ssl_jax.models.vit_position import relative_position_index
 from ssl_jax.restore import restore_state
 from tests.method_steps import assert_grads_close, loss_step, set_key
 

@@ -25,7 +25,7 @@ from ssl_jax.config import ConfigError
 from ssl_jax.convert import fit, formats, init_from, keymap, run_dir, timm_export
 from ssl_jax.convert.files import WeightsError, read_safetensors, read_weights
 from ssl_jax.models import create_encoder
-from ssl_jax.models.vit import relative_position_index
+from ssl_jax.models.vit_position import relative_position_index
 from ssl_jax.step import build_state
 from tests import xla_env
 

@@ -17,7 +17,8 @@ from ssl_jax.models import (
     resnet,
     vit,
 )
-from ssl_jax.models.vit import DropPath, LayerScale, resize_pos_embed, sincos_2d_pos_embed
+from ssl_jax.models.vit import DropPath, LayerScale
+from ssl_jax.models.vit_position import resize_pos_embed, sincos_2d_pos_embed
 
 
 def key(seed: int = 0) -> jax.Array:

@@ -21,7 +21,8 @@ import numpy as np
 from ssl_jax.convert import keymap
 from ssl_jax.convert.files import WeightsError
 from ssl_jax.models.resnet import RESNET_DEPTHS, ResNet, scaled_width
-from ssl_jax.models.vit import VIT_SIZES, ViT, resize_pos_embed, sincos_2d_pos_embed
+from ssl_jax.models.vit import VIT_SIZES, ViT
+from ssl_jax.models.vit_position import resize_pos_embed, sincos_2d_pos_embed
 from ssl_jax.presets import MODEL_DEFAULTS
 
 # Fields of config.model a file determines (the others, e.g. dtype, pool_type, use_mask_token,

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ssl_jax.convert.files import WeightsError
-from ssl_jax.models.vit import relative_position_index
+from ssl_jax.models.vit_position import relative_position_index
 
 WRAPPER_KEYS = ("teacher", "model", "state_dict", "model_ema", "module", "network")
 WHOLE_FILE_PREFIXES = ("encoder.", "model.")  # a wrapper module around the whole network

@@ -32,7 +32,8 @@ import numpy as np
 from ssl_jax.convert import keymap
 from ssl_jax.convert.files import WeightsError
 from ssl_jax.models.resnet import ResNet
-from ssl_jax.models.vit import ViT, sincos_2d_pos_embed
+from ssl_jax.models.vit import ViT
+from ssl_jax.models.vit_position import sincos_2d_pos_embed
 
 TIMM_VIT_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
                   768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",

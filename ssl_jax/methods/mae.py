@@ -36,8 +36,9 @@ from ssl_jax.data import masking
 from ssl_jax.methods.base import MethodBase
 from ssl_jax.methods.ssl_math import patchify, reconstruction_panels
 from ssl_jax.models.layers import Dense
-from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT, sincos_2d_pos_embed
+from ssl_jax.models.vit import LN_EPSILON, EncoderBlock, ViT
 from ssl_jax.models.vit_init import dense_init
+from ssl_jax.models.vit_position import sincos_2d_pos_embed
 
 NORM_PIX_EPS = 1e-6
 
