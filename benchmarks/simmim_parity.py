@@ -1,7 +1,8 @@
 r"""SimMIM's maths against lightly's: the same weights, images and mask through lightly's SimMIM
 example (``benchmarks/lightly_models.SimMIM``) and the project's ``SimMIM``; the encoder's
 tokens, the loss and its gradients must agree. It rules the method itself in or out when the
-two sides' accuracies differ at equal steps (docs/benchmarks.md, "SimMIM beside lightly")::
+two sides' accuracies differ at equal steps (docs/benchmarks/simmim_ibot.md, "SimMIM beside
+lightly")::
 
     /tmp/peers/bin/python benchmarks/simmim_parity.py --side lightly --run RUN --dir D
     python -m benchmarks.simmim_parity --side project --dir D

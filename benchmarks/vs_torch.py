@@ -5,8 +5,8 @@ r"""The project's train step side by side with the same step in PyTorch (eager a
 
 Methods and sizes (2 CPU cores in mind): ``mae``, ``beit``, ``dino``: the CIFAR-10 presets' ViT
 (ViT-Ti width 192, 6 blocks, 3 heads, patch 4, 32-px images), batch 64 (DINO with 2 local crops
-of 16 px, as the CIFAR-10 run in docs/benchmarks.md; ``--local_crops`` changes it; BEiT with a
-randomly initialised dVAE tokenizer of the CIFAR-10 preset); ``simclr``: the CIFAR-stem
+of 16 px, as the CIFAR-10 run in docs/benchmarks/simclr_dino.md; ``--local_crops`` changes it;
+BEiT with a randomly initialised dVAE tokenizer of the CIFAR-10 preset); ``simclr``: the CIFAR-stem
 ResNet-18 (width 1) of the CIFAR-10 preset at batch 32. ``--batch_size`` changes the batch.
 
 The JAX side is ``benchmarks.throughput.StepBench``: the trainer's own jitted step (shardings,

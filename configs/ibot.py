@@ -69,8 +69,8 @@ def get_config(arg=None):
     model = arg.model or data["model"]
     # ImageNet: the official code's initial weights (DINO's). The small-data presets start from
     # MAE's (Xavier-uniform), as lightly's iBOT example does: on CIFAR-10 at one epoch that was
-    # +2.4 / +1.8 points linear / kNN over DINO's, and +10.5 / +17.0 on digits (docs/benchmarks.md,
-    # "iBOT's initial weights").
+    # +2.4 / +1.8 points linear / kNN over DINO's, and +10.5 / +17.0 on digits
+    # (docs/benchmarks/simmim_ibot.md, "iBOT's initial weights").
     init = "dino" if arg.data == "imagenet2012" else "mae"
     vit = dict(init_scheme=init, use_mask_token=True, drop_path_rate=0.1)
 

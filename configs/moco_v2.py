@@ -51,7 +51,7 @@ def get_config(arg=None):
         # a memory bank of 8192 (their note (**) for batch 512), m 0.99, symmetric loss, split
         # BatchNorm in 8 groups with the keys' batch shuffled, SimCLR-style views; its
         # ResNetGenerator keeps torch's default initial weights (init_scheme='pytorch': +3.8
-        # linear / +0.8 kNN over 'goyal' at 390 steps, docs/benchmarks.md).
+        # linear / +0.8 kNN over 'goyal' at 390 steps, docs/benchmarks/all_methods_cifar10.md).
         presets.set_encoder(config, arg.model or "resnet18",
                             resnet=dict(cifar_stem=True, init_scheme="pytorch"))
         config.batch_size = 512

@@ -13,8 +13,9 @@ as ``probe_loss`` and ``probe_top1``. The probe's parameters and optimizer state
 train state under ``probe`` (saved with every checkpoint); nothing of it reaches the method's
 gradients. Records without a label (-1, an unlabelled split) are left out of its loss.
 
-It costs one more forward pass of the encoder on the batch per step (see docs/benchmarks.md for
-the measured cost), so it is off by default: ``--config.online_probe.enabled=true``.
+It costs one more forward pass of the encoder on the batch per step (see
+docs/benchmarks/evaluation_tools.md for the measured cost), so it is off by default:
+``--config.online_probe.enabled=true``.
 """
 
 from __future__ import annotations
