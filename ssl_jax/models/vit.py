@@ -31,9 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.models import vit_init
 from ssl_jax.models.layers import Dense, PatchEmbed, attention, attention_weights, gelu
-from ssl_jax.models.vit_init import check_init_scheme, dense_init, patch_init, token_init
+from ssl_jax.models.vit_init import (
+    check_init_scheme,
+    dense_init,
+    patch_bias_uniform,
+    patch_init,
+    token_init,
+)
 from ssl_jax.models.vit_position import RelativePositionBias, resize_pos_embed, sincos_2d_pos_embed
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {  # (dim, depth, heads)
@@ -262,7 +267,7 @@ class ViT(nn.Module):
         patch = (self.patch_size, self.patch_size)
         self.patch_embed = PatchEmbed(self.dim, patch, strides=patch, padding="VALID",
                                       dtype=self.dtype, kernel_init=patch_init(self.init_scheme),
-                                      torch_bias=vit_init.patch_bias_uniform(self.init_scheme))
+                                      torch_bias=patch_bias_uniform(self.init_scheme))
         tokens = token_init(self.init_scheme)
         if self.use_cls_token:
             self.cls_token = self.param("cls_token", tokens, (1, 1, self.dim))
